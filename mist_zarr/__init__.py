@@ -1,0 +1,41 @@
+"""mist-zarr: medical images stored once, losslessly, served at every resolution."""
+
+from __future__ import annotations
+
+import imagecodecs.zarr as _imagecodecs_zarr
+
+# Stored chunks use the codec name "imagecodecs_htj2k"; zarr finds it only
+# once registered. Registering is idempotent.
+_imagecodecs_zarr.register_codecs(["htj2k"], verbose=False)
+
+from .codestream import CodestreamError, parse_codestream, prefix_lengths  # noqa: E402
+from .format import FORMAT_VERSION, ImageInfo, IncompleteImageError  # noqa: E402
+from .reader import open_image, read_checksums, read_image, read_index  # noqa: E402
+from .values import LossyInputError, ValueMapping  # noqa: E402
+from .writer import write_image  # noqa: E402
+from .store import MultiscaleStore, PrefixError  # noqa: E402
+from .access import choose_level, open, open_dataset  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CodestreamError",
+    "ImageInfo",
+    "IncompleteImageError",
+    "LossyInputError",
+    "MultiscaleStore",
+    "PrefixError",
+    "choose_level",
+    "open",
+    "open_dataset",
+    "ValueMapping",
+    "__version__",
+    "open_image",
+    "parse_codestream",
+    "prefix_lengths",
+    "read_checksums",
+    "read_image",
+    "read_index",
+    "write_image",
+]

@@ -1,0 +1,151 @@
+"""The physical mist-zarr image group: names, attributes and their model.
+
+See ``docs/format.md`` for the specification this module implements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from .layout import level_shape, plane_axes
+from .values import ValueMapping
+
+__all__ = [
+    "ATTR",
+    "CHECKSUM",
+    "FORMAT_VERSION",
+    "IMAGE",
+    "INDEX",
+    "SOURCE_FORMATS",
+    "ImageInfo",
+    "IncompleteImageError",
+    "default_affine",
+]
+
+FORMAT_VERSION = 1
+ATTR = "mist"
+IMAGE = "image"
+INDEX = "index"
+CHECKSUM = "checksum"
+SOURCE_FORMATS = ("dicom", "nifti", "png", "jpeg", "tiff", "array")
+UNITS = {"z": "millimeter", "y": "millimeter", "x": "millimeter", "t": "second", "c": None}
+
+
+class IncompleteImageError(ValueError):
+    """The group exists but its write never finished (interrupted or failed)."""
+
+
+def default_affine(dims: Sequence[str], spacing: Sequence[float]) -> np.ndarray:
+    """Scaling affine for ``spacing``: index ``(x, y, z)`` -> mm, origin 0."""
+    sp = dict(zip(dims, spacing))
+    return np.diag([sp.get("x", 1.0), sp.get("y", 1.0), sp.get("z", 1.0), 1.0])
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """Everything a reader needs about a stored image, from one ``zarr.json``.
+
+    ``spacing`` follows ``dims`` (array order; ``c`` has spacing 1).
+    ``affine`` maps the homogeneous index ``(x, y, z, 1)`` -- the spatial
+    axes in *reverse* array order, as in NIfTI -- to RAS+ millimetres.
+    """
+
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    levels: int
+    spacing: tuple[float, ...]
+    affine: np.ndarray
+    values: ValueMapping
+    source_format: str = "array"
+    alpha: int = 64
+    complete: bool = False
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The caller's dtype (what :func:`mist_zarr.read_image` returns)."""
+        return np.dtype(self.values.dtype)
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        return np.dtype(self.values.stored_dtype)
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """Number of chunks along each axis."""
+        return tuple(-(-s // c) for s, c in zip(self.shape, self.chunks))
+
+    def level_shape(self, k: int) -> tuple[int, ...]:
+        return level_shape(self.shape, self.dims, k)
+
+    def level_chunks(self, k: int) -> tuple[int, ...]:
+        return level_shape(self.chunks, self.dims, k)
+
+    def level_spacing(self, k: int) -> tuple[float, ...]:
+        """Spacing at level ``k``: ``y`` and ``x`` times ``2**k``."""
+        iy, ix = plane_axes(self.dims)
+        return tuple(s * (1 << k) if i in (iy, ix) else s for i, s in enumerate(self.spacing))
+
+    def level_affine(self, k: int) -> np.ndarray:
+        """Affine of level ``k``: level-k sample ``j`` sits on level-0 pixel ``j * 2**k``.
+
+        The reversible 5/3 wavelet keeps the even samples' grid, so the
+        origin does not move (no half-pixel shift, unlike averaging pyramids).
+        """
+        return self.affine @ np.diag([1 << k, 1 << k, 1, 1])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "mist-zarr",
+            "format_version": self.format_version,
+            "complete": self.complete,
+            "dims": list(self.dims),
+            "shape": list(self.shape),
+            "chunks": list(self.chunks),
+            "levels": self.levels,
+            "alpha": self.alpha,
+            "spacing": [float(s) for s in self.spacing],
+            "units": [UNITS.get(d) for d in self.dims],
+            "affine": np.asarray(self.affine, dtype=float).tolist(),
+            "affine_convention": "index (x, y, z) = reversed spatial array axes -> RAS+ mm",
+            "values": self.values.to_json(),
+            "source_format": self.source_format,
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, where: str = "image") -> "ImageInfo":
+        if data.get("format") != "mist-zarr":
+            raise ValueError(
+                f"{where}: not a mist-zarr image: expected attribute {ATTR}.format == "
+                f"'mist-zarr', found {data.get('format')!r}"
+            )
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{where}: mist-zarr format version {version} is not supported "
+                f"(this library reads version {FORMAT_VERSION}); upgrade mist-zarr"
+            )
+        return cls(
+            dims=tuple(data["dims"]),
+            shape=tuple(data["shape"]),
+            chunks=tuple(data["chunks"]),
+            levels=int(data["levels"]),
+            alpha=int(data.get("alpha", 64)),
+            spacing=tuple(float(s) for s in data["spacing"]),
+            affine=np.array(data["affine"], dtype=float),
+            values=ValueMapping.from_json(data["values"]),
+            source_format=data.get("source_format", "array"),
+            complete=bool(data.get("complete", False)),
+            metadata=data.get("metadata", {}),
+            format_version=version,
+        )
+
+    def completed(self) -> "ImageInfo":
+        return replace(self, complete=True)

@@ -1,0 +1,211 @@
+"""Write an image as a mist-zarr group: HTJ2K chunks plus the prefix index."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import google_crc32c
+import imagecodecs
+import numpy as np
+import zarr
+from imagecodecs.zarr import Htj2k
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from .codestream import CodestreamError, prefix_lengths
+from .format import ATTR, CHECKSUM, IMAGE, INDEX, SOURCE_FORMATS, ImageInfo, default_affine
+from .layout import (
+    DEFAULT_ALPHA,
+    codec_config,
+    default_dims,
+    encode_kwargs,
+    num_levels,
+    plane_axes,
+    tile_shape,
+)
+from .values import choose_mapping
+
+__all__ = ["write_image"]
+
+StoreLike = Any  # str | os.PathLike | zarr.abc.store.Store | zarr.storage.StorePath
+
+
+def _validate(data: Any, dims: Sequence[str] | None) -> tuple[str, ...]:
+    if dims is None:
+        return default_dims(data.ndim)
+    dims = tuple(dims)
+    if len(dims) != data.ndim:
+        raise ValueError(f"dims {dims} name {len(dims)} axes, but the data has {data.ndim}")
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"dims must be unique, found {dims}")
+    iy, ix = plane_axes(dims)
+    colour = "c" in dims
+    if colour and dims[-1] != "c":
+        raise ValueError(f"the colour axis 'c' must be last, found dims {dims}")
+    if colour and data.shape[-1] not in (3, 4):
+        raise ValueError(
+            f"the colour axis must hold 3 (RGB) or 4 (RGBA) samples, found {data.shape[-1]}; "
+            "store other channel counts as separate images or along 't'"
+        )
+    plane_end = len(dims) - 1 if colour else len(dims)
+    if (iy, ix) != (plane_end - 2, plane_end - 1):
+        raise ValueError(f"'y' and 'x' must be the last two non-colour axes, found dims {dims}")
+    return dims
+
+
+def _blocks(data: Any, n_lead: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    """Yield ``(leading offset, block)`` with whole planes, one block in memory at a time."""
+    if hasattr(data, "dask"):
+        whole = {i: -1 for i in range(n_lead, data.ndim)}
+        data = data.rechunk(whole)
+        starts = [np.cumsum((0,) + c[:-1]) for c in data.chunks[:n_lead]]
+        for idx in np.ndindex(*data.numblocks[:n_lead]):
+            offset = tuple(int(starts[a][i]) for a, i in enumerate(idx))
+            yield offset, np.asarray(data.blocks[idx + (0,) * (data.ndim - n_lead)].compute())
+    else:
+        yield (0,) * n_lead, np.asarray(data)
+
+
+def write_image(
+    dest: StoreLike,
+    data: Any,
+    *,
+    dims: Sequence[str] | None = None,
+    spacing: Sequence[float] | None = None,
+    affine: Any = None,
+    source_format: str = "array",
+    metadata: Mapping[str, Any] | None = None,
+    alpha: int = DEFAULT_ALPHA,
+    levels: int | None = None,
+    tile: int | None = None,
+    quantize: str | np.dtype | None = None,
+    threads: int | None = None,
+    write_empty_chunks: bool = False,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> ImageInfo:
+    """Store ``data`` (numpy or dask) losslessly as a mist-zarr image group at ``dest``.
+
+    ``dims`` names the axes (default ``(y, x)``, ``(z, y, x)`` or
+    ``(t, z, y, x)``; a trailing ``c`` of 3 or 4 holds colour). ``spacing``
+    follows ``dims`` in mm; ``affine`` maps ``(x, y, z)`` indices to RAS+ mm
+    (default: scaling by spacing). ``levels`` defaults to
+    ``ceil(log2(min(Y, X) / alpha))``. ``tile`` sets a square chunk edge in the
+    plane (default: whole slices up to 8192 px). Chunks are encoded on
+    ``threads`` threads. The group is marked complete only after every chunk,
+    the index and the checksums are written, so an interrupted write never
+    reads as a finished image.
+    """
+    if not hasattr(data, "ndim"):
+        data = np.asarray(data)
+    dims = _validate(data, dims)
+    if source_format not in SOURCE_FORMATS:
+        raise ValueError(f"source_format must be one of {SOURCE_FORMATS}, found {source_format!r}")
+    iy, ix = plane_axes(dims)
+    shape = tuple(int(s) for s in data.shape)
+    if 0 in shape:
+        raise ValueError(f"cannot store an empty image of shape {shape}")
+    plane = (shape[iy], shape[ix])
+    n = num_levels(plane, alpha) if levels is None else int(levels)
+    chunk_plane = tile_shape(plane, n, tile)
+    if n < 0 or (1 << n) > min(chunk_plane):
+        raise ValueError(
+            f"{n} decomposition levels need chunks of at least {1 << n} px, "
+            f"but the chunk plane is {chunk_plane}"
+        )
+    chunks = (1,) * iy + chunk_plane + tuple(shape[ix + 1 :])
+    mapping = choose_mapping(data, quantize=quantize, name=str(dest))
+    if spacing is None:
+        spacing = (1.0,) * len(dims)
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != len(dims):
+        raise ValueError(f"spacing has {len(spacing)} values for dims {dims}")
+    affine = default_affine(dims, spacing) if affine is None else np.asarray(affine, float)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, found shape {affine.shape}")
+    info = ImageInfo(
+        dims=dims, shape=shape, chunks=chunks, levels=n, alpha=alpha, spacing=spacing,
+        affine=affine, values=mapping, source_format=source_format,
+        metadata=dict(metadata or {}),
+    )
+
+    group = zarr.open_group(
+        dest, mode="w" if overwrite else "w-", zarr_format=3,
+        storage_options=dict(storage_options) if storage_options else None,
+        attributes={ATTR: info.to_json()},
+    )
+    image = group.create_array(
+        IMAGE, shape=shape, dtype=mapping.stored_dtype, chunks=chunks,
+        serializer=Htj2k.from_dict(codec_config(n)), compressors=None, fill_value=0,
+        dimension_names=dims,
+    )
+    grid = info.grid
+    index = np.zeros(grid + (n + 1,), np.uint64)
+    checksum = np.zeros(grid, np.uint32)
+    _write_chunks(image, data, info, index, checksum, threads, write_empty_chunks)
+
+    chunk_dims = tuple(f"{d}_chunk" for d in dims)
+    group.create_array(INDEX, data=index, chunks=index.shape, dimension_names=chunk_dims + ("level",))
+    group.create_array(CHECKSUM, data=checksum, chunks=checksum.shape, dimension_names=chunk_dims)
+    info = info.completed()
+    group.attrs.update({ATTR: info.to_json()})
+    return info
+
+
+def _write_chunks(image, data, info: ImageInfo, index, checksum, threads, write_empty) -> None:
+    store = image.store_path.store
+    base = image.store_path.path
+    prototype = default_buffer_prototype()
+    kwargs = encode_kwargs(info.levels)
+    iy, ix = plane_axes(info.dims)
+    ty, tx = info.chunks[iy], info.chunks[ix]
+    tail = info.shape[ix + 1 :]  # colour
+    mapping = info.values
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def encode(coords: tuple[int, ...], plane: np.ndarray) -> None:
+        key = f"{base}/{image.metadata.encode_chunk_key(coords)}"
+        try:
+            tile = np.ascontiguousarray(mapping.encode(plane))
+            if tile.shape[:2] != (ty, tx):  # edge tile: zarr stores full chunks
+                padded = np.zeros((ty, tx) + tail, tile.dtype)
+                padded[: tile.shape[0], : tile.shape[1]] = tile
+                tile = padded
+            crc = google_crc32c.value(tile.astype(tile.dtype.newbyteorder("<"), copy=False).tobytes())
+            row = ()
+            if write_empty or tile.any():
+                encoded = imagecodecs.htj2k_encode(tile, **kwargs)
+                row = prefix_lengths(encoded)
+                if len(row) != info.levels + 1:
+                    raise CodestreamError(f"encoder wrote {len(row) - 1} levels, expected {info.levels}")
+                sync(store.set(key, prototype.buffer.from_bytes(encoded)))
+            with lock:
+                checksum[coords] = crc
+                if row:
+                    index[coords] = row
+        except BaseException as exc:  # reported after the pool drains
+            exc.add_note(f"while writing chunk {key!r}")
+            with lock:
+                failures.append(exc)
+
+    n_lead = iy
+    workers = threads or min(32, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mist-encode") as pool:
+        for offset, block in _blocks(data, n_lead):
+            futures = []
+            for lead in np.ndindex(*block.shape[:n_lead]):
+                planes = block[lead]
+                for cy in range(-(-planes.shape[0] // ty)):
+                    for cx in range(-(-planes.shape[1] // tx)):
+                        part = planes[cy * ty : (cy + 1) * ty, cx * tx : (cx + 1) * tx]
+                        coords = tuple(o + i for o, i in zip(offset, lead)) + (cy, cx) + (0,) * len(tail)
+                        futures.append(pool.submit(encode, coords, part))
+            for f in futures:
+                f.result()
+            if failures:
+                raise failures[0]
