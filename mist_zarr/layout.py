@@ -97,6 +97,12 @@ def codec_config(levels: int, *, skipres: int | None = None) -> dict[str, Any]:
         "tilepart": "RESOLUTIONS",
         "tlm": True,
     }
+    if levels == 0:
+        # imagecodecs 2026.10 mis-decodes 1-pixel-thick planes encoded with an
+        # explicit ``resolutions`` (zeros come back as 2**(bits-1)); its default
+        # (5 levels, clamped by OpenJPH) round-trips every shape. Level 0 is
+        # the only level served either way.
+        del cfg["resolutions"]
     if skipres:
         cfg["skipres"] = skipres
     return {"name": "imagecodecs_htj2k", "configuration": cfg}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
 from stat import S_ISDIR, S_ISREG
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from aiohttp import hdrs, web
 
@@ -46,13 +46,12 @@ _RANGE_SPEC = re.compile(r"(\d*)-(\d*)", re.ASCII)
 _EXPOSED_HEADERS = "Content-Range, Content-Length, Accept-Ranges"
 
 
-@dataclass(frozen=True, slots=True)
-class RequestRecord:
+class RequestRecord(NamedTuple):
     """One answered request: URL path, status, Range header and body bytes sent."""
 
     path: str
     status: int
-    range: str | None
+    range_header: str | None
     body_len: int
 
 
@@ -176,8 +175,9 @@ def _open(
     try:
         st = path.stat()
         if listing and S_ISDIR(st.st_mode):
+            # os.path.isdir, unlike DirEntry.is_dir, is False for a symlink loop.
             with os.scandir(path) as entries:
-                return sorted(e.name + "/" * e.is_dir() for e in entries)
+                return sorted(e.name + "/" * os.path.isdir(e) for e in entries)
         if not S_ISREG(st.st_mode):  # directories, FIFOs, devices
             raise web.HTTPNotFound()
         f = path.open("rb")

@@ -226,7 +226,8 @@ class MultiscaleStore(Store):
             raise IncompleteImageError(
                 f"{self._source}: the image was not completely written; convert it again"
             )
-        index_array = await za.open_array(store=StorePath(self._physical, INDEX), mode="r")
+        index_array = await za.open_array(
+            store=StorePath(self._physical, INDEX), mode="r", zarr_format=3)
         index = np.asarray(await index_array.getitem(...))
         expected = info.grid + (info.levels + 1,)
         if index.shape != expected:

@@ -1,0 +1,54 @@
+"""Shared fixtures: the shared real-data directory and small generated images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("MIST_DATA", REPO.parent / "shared" / "data"))
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--mist-data", default=str(DATA_DIR),
+                     help="directory of the shared real images (default: ../shared/data or $MIST_DATA)")
+
+
+@pytest.fixture(scope="session")
+def data_dir(request: pytest.FixtureRequest) -> Path:
+    path = Path(request.config.getoption("--mist-data"))
+    if not path.is_dir():
+        pytest.skip(f"shared real data not found at {path} (set MIST_DATA or --mist-data)")
+    return path
+
+
+def shared(*parts: str) -> Path:
+    """Path in the shared data set, or a skip naming what is missing."""
+    path = DATA_DIR.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data {path} is not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ct_volume() -> np.ndarray:
+    """The real CT series CRLM-CT-1004 (41 x 512 x 512 int16, stored values)."""
+    import pydicom
+
+    files = sorted(shared("ct", "CRLM-CT-1004").rglob("*.dcm"))
+    if not files:
+        pytest.skip("no DICOM files in ct/CRLM-CT-1004")
+    slices = [pydicom.dcmread(f) for f in files]
+    slices.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+    return np.stack([d.pixel_array for d in slices])
+
+
+@pytest.fixture(scope="session")
+def phantom() -> np.ndarray:
+    from mist_zarr.phantom import ct_phantom
+
+    return ct_phantom((6, 300, 260))

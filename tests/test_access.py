@@ -1,0 +1,85 @@
+"""mist_zarr.open, the xarray backend and dask (incl. a real LocalCluster)."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import mist_zarr
+from mist_zarr import MultiscaleStore
+
+
+@pytest.fixture(scope="module")
+def cxr_like(tmp_path_factory):
+    a = np.random.default_rng(8).integers(0, 4096, (1024, 1024), dtype=np.uint16)
+    path = tmp_path_factory.mktemp("cxr") / "cxr.zarr"
+    mist_zarr.write_image(path, a, spacing=(0.14, 0.14))
+    return path, a
+
+
+@pytest.mark.parametrize("size,below,edge", [(224, False, 256), (224, True, 128), (256, False, 256),
+                                             (1000, False, 1024), (5000, False, 1024),
+                                             (10, True, 64), (10, False, 64), (64, False, 64)])
+def test_size_picks_the_closest_level(cxr_like, size, below, edge):
+    path, _ = cxr_like
+    image = mist_zarr.open(path, size=size, below=below)
+    assert image.shape == (edge, edge)
+
+
+def test_open_returns_lazy_dataarray_with_geometry(cxr_like):
+    path, a = cxr_like
+    image = mist_zarr.open(path, scale=2)
+    assert image.dims == ("y", "x") and image.shape == (256, 256)
+    assert image.attrs["level"] == 2 and image.attrs["levels"] == 4
+    assert image.attrs["spacing"] == [0.56, 0.56]
+    np.testing.assert_allclose(image.attrs["affine"][:2, :2], np.diag([0.56, 0.56]))
+    np.testing.assert_allclose(image["x"].values[:3], [0, 0.56, 1.12])
+    lazy = mist_zarr.open(path, scale=2, chunks={})
+    assert isinstance(lazy.data, da.Array)
+    np.testing.assert_array_equal(lazy.values, image.values)
+    np.testing.assert_array_equal(mist_zarr.open(path).values, a)
+    with pytest.raises(ValueError, match="scale must be in 0..4"):
+        mist_zarr.open(path, scale=5)
+    with pytest.raises(ValueError, match="not both"):
+        mist_zarr.open(path, scale=1, size=100)
+
+
+def test_float_and_quantized_levels_come_back_in_the_written_dtype(tmp_path):
+    f = np.random.default_rng(9).integers(-100, 100, (130, 140)).astype(np.float32)
+    mist_zarr.write_image(tmp_path / "f.zarr", f)
+    assert mist_zarr.open(tmp_path / "f.zarr").values.tobytes() == f.tobytes()
+    assert mist_zarr.open(tmp_path / "f.zarr", scale=1).dtype == np.float32
+    q = np.random.default_rng(9).normal(size=(130, 140))
+    info = mist_zarr.write_image(tmp_path / "q.zarr", q, quantize="int16")
+    back = mist_zarr.open(tmp_path / "q.zarr").values
+    assert back.dtype == np.float64 and np.abs(back - q).max() <= info.values.max_error + 1e-12
+    # the virtual level carries CF attributes, so plain xarray decodes it too
+    ds = xr.open_zarr(MultiscaleStore(tmp_path / "q.zarr"), group="s0", consolidated=False)
+    assert np.abs(ds["image"].values - q).max() <= info.values.max_error * 1.001
+
+
+def test_xarray_backend_entry_point(cxr_like):
+    path, _ = cxr_like
+    ds = xr.open_dataset(path, engine="mist", scale=3)
+    assert ds["image"].shape == (128, 128)
+    ds = xr.open_dataset(str(path), engine="mist", size=224, chunks={})
+    assert ds["image"].shape == (256, 256) and isinstance(ds["image"].data, da.Array)
+    np.testing.assert_array_equal(ds["image"].values, mist_zarr.open(path, scale=2).values)
+
+
+def test_dask_from_zarr_on_a_virtual_level_under_a_process_cluster(tmp_path, phantom):
+    from distributed import Client, LocalCluster
+
+    mist_zarr.write_image(tmp_path / "v.zarr", phantom)
+    store = MultiscaleStore(tmp_path / "v.zarr")
+    arr = da.from_zarr(zarr.open_array(store, path="s2/image", mode="r"))
+    expected = mist_zarr.open(tmp_path / "v.zarr", scale=2).values
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        total, per_slice = client.compute([arr.astype(np.int64).sum(),
+                                           arr.max(axis=(1, 2))], sync=True)
+    assert total == expected.astype(np.int64).sum()
+    np.testing.assert_array_equal(per_slice, expected.max(axis=(1, 2)))
