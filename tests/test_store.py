@@ -213,3 +213,13 @@ def test_geometry_phantom_features_keep_their_world_positions(tmp_path):
             assert np.abs(world[:3] - truth[:3]).max() < 0.1 * 0.6, (k, (cy, cx), world, truth)
             assert abs(float(level["x"][0]) - 0.0) < 1e-12
             np.testing.assert_allclose(float(level["x"][1]), 0.6 * 2**k)
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_store_over_fsspec_urls(tmp_path, phantom, scheme):
+    url = f"file://{tmp_path}/u.zarr" if scheme == "file" else f"memory://mist-{id(tmp_path)}/u.zarr"
+    mist_zarr.write_image(url, phantom)
+    store = MultiscaleStore(url)
+    np.testing.assert_array_equal(zarr.open_array(store, path="s0/image", mode="r")[...], phantom)
+    assert mist_zarr.open(url, scale=2).shape == (6, 75, 65)
+    assert pickle.loads(pickle.dumps(store)) == store
