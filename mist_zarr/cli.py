@@ -66,6 +66,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from mist_zarr.convert import convert, dumps
+
+    report = convert(args.src, args.dest, overwrite=args.overwrite,
+                     skip_existing=args.skip_existing, alpha=args.alpha, quantize=args.quantize,
+                     threads=args.threads, progress=not args.quiet)
+    print(report.summary())
+    if args.report:
+        Path(args.report).write_text(dumps(report.to_json()) + "\n")
+    return 0 if report.ok else 1
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from mist_zarr.convert import dumps, format_table, list_images
+
+    rows = list_images(args.dest)
+    print(dumps(rows) if args.json else format_table(rows))
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from mist_zarr.serve import run
 
@@ -90,6 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a stored image: shape, levels, bytes per level")
     p.add_argument("store", help="path or URL of a mist-zarr image group")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("convert", help="convert DICOM / NIfTI / PNG / JPEG / TIFF into a dataset root")
+    p.add_argument("src", nargs="+", help="files or folders (searched recursively)")
+    p.add_argument("dest", help="dataset root (created if missing)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace images already converted")
+    group.add_argument("--skip-existing", action="store_true",
+                       help="keep images already completely converted (resume)")
+    p.add_argument("--alpha", type=int, default=64,
+                   help="smallest level edge: levels = ceil(log2(min(Y, X) / alpha)) (default: %(default)s)")
+    p.add_argument("--quantize", metavar="DTYPE",
+                   help="store non-integral float data quantised to this integer dtype (lossy, recorded)")
+    p.add_argument("--threads", type=int, help="encoder threads (default: all cores)")
+    p.add_argument("--report", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("ls", help="list the images of a dataset root")
+    p.add_argument("dest", help="dataset root")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.set_defaults(func=_cmd_ls)
 
     p = sub.add_parser("serve", help="serve a directory read-only over HTTP with Range support")
     p.add_argument("root", help="directory to serve")

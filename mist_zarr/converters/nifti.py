@@ -1,0 +1,120 @@
+"""NIfTI-1 / NIfTI-2 ingest through nibabel."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import ConversionError, SourceImage, missing_dependency, safe_name
+
+__all__ = ["is_nifti", "read_nifti"]
+
+_MAGICS = {b"n+1\x00", b"ni1\x00", b"n+2\x00", b"ni2\x00"}
+
+
+def is_nifti(path: str | Path) -> bool:
+    """True if the file's content (gzip or not) carries a NIfTI-1/2 magic."""
+    import gzip
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        opener = gzip.open if head == b"\x1f\x8b" else open
+        with opener(path, "rb") as f:
+            block = f.read(544)
+    except (OSError, EOFError):
+        return False
+    return block[344:348] in _MAGICS or block[4:8] in _MAGICS
+
+
+def _header_json(header: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in header.keys():
+        value = np.asarray(header[key])
+        if value.dtype.kind == "S":
+            out[key] = value.tobytes().rstrip(b"\x00").decode("latin-1")
+        elif value.dtype.kind == "f":
+            out[key] = [None if not np.isfinite(v) else float(v) for v in value.ravel()] \
+                if value.ndim else (None if not np.isfinite(value) else float(value))
+        else:
+            out[key] = value.tolist()
+    return out
+
+
+def read_nifti(path: str | Path, *, max_bytes: int | None = None) -> SourceImage:
+    """Read a NIfTI file's *stored* voxels (``scl_*`` kept as metadata, not applied).
+
+    The array ``(x, y, z[, t])`` becomes ``([t,] z, y, x)``; the file's best
+    affine (sform, else qform) is the image affine, unchanged.
+    """
+    try:
+        import nibabel as nib
+    except ImportError as exc:  # pragma: no cover - nibabel is a core dependency
+        raise missing_dependency("nibabel") from exc
+    path = Path(path)
+    try:
+        img = nib.load(path)
+    except Exception as exc:
+        raise ConversionError(f"{path}: not a readable NIfTI file: {exc}") from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ConversionError(f"{path}: expected NIfTI-1/2, found {type(img).__name__}")
+    header = img.header
+    shape = tuple(int(s) for s in img.shape)
+    dtype = header.get_data_dtype()
+    if len(shape) > 4 or len(shape) < 2:
+        raise ConversionError(f"{path}: expected 2 to 4 dimensions, found shape {shape}")
+    if dtype.fields is not None:
+        raise ConversionError(f"{path}: structured (RGB) NIfTI data type {dtype} is not supported")
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if max_bytes is not None and nbytes > max_bytes:
+        raise ConversionError(
+            f"{path}: header declares {shape} {dtype} = {nbytes:,} bytes, above the limit "
+            f"of {max_bytes:,} bytes"
+        )
+    try:
+        raw = np.asanyarray(img.dataobj.get_unscaled())
+    except Exception as exc:
+        raise ConversionError(f"{path}: voxel data unreadable (truncated?): {exc}") from exc
+    while raw.ndim < 3:
+        raw = raw[..., np.newaxis]
+    data = np.ascontiguousarray(raw.T)  # (x, y, z[, t]) -> ([t,] z, y, x)
+    zooms = [float(z) for z in header.get_zooms()] + [1.0] * 4
+    dims = ("z", "y", "x") if data.ndim == 3 else ("t", "z", "y", "x")
+    spacing = (zooms[2], zooms[1], zooms[0]) if data.ndim == 3 else (
+        zooms[3], zooms[2], zooms[1], zooms[0])
+    space_unit, time_unit = header.get_xyzt_units()
+    slope, inter = header.get_slope_inter()
+    sform, sform_code = header.get_sform(coded=True)
+    qform, qform_code = header.get_qform(coded=True)
+    metadata = {
+        "nifti": {
+            "version": 2 if isinstance(img, nib.Nifti2Image) else 1,
+            "header": _header_json(header),
+            "header_bytes": base64.b64encode(header.binaryblock).decode("ascii"),
+            "extensions": [
+                {"code": int(e.get_code()),
+                 "content": base64.b64encode(e.get_content() if isinstance(e.get_content(), bytes)
+                                             else e._mangle(e.get_content())).decode("ascii")}
+                for e in header.extensions
+            ],
+            "scl_slope": slope, "scl_inter": inter,
+            "sform": None if sform is None else sform.tolist(), "sform_code": int(sform_code),
+            "qform": None if qform is None else qform.tolist(), "qform_code": int(qform_code),
+            "units": {"space": space_unit, "time": time_unit},
+            "intent": list(header.get_intent()),
+            "descrip": header["descrip"].tobytes().rstrip(b"\x00").decode("latin-1"),
+            "dtype": dtype.name,
+        }
+    }
+    warnings = []
+    if space_unit not in ("mm", "unknown"):
+        warnings.append(f"spatial unit is {space_unit!r}; spacing and affine are kept as stored")
+    name = path.name.removesuffix(".gz").removesuffix(".nii")
+    return SourceImage(
+        data=data, dims=dims, spacing=spacing, affine=np.asarray(img.affine, float),
+        source_format="nifti", name=safe_name(name), metadata=metadata, warnings=warnings,
+        source_files=[str(path)],
+    )
