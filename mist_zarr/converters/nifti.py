@@ -30,6 +30,41 @@ def is_nifti(path: str | Path) -> bool:
     return block[344:348] in _MAGICS or block[4:8] in _MAGICS
 
 
+def _load(nib: Any, path: Path) -> Any:
+    """Load by content: nibabel picks formats by extension, sniffing does not."""
+    import gzip
+
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    fileobj = gzip.open(path, "rb") if gz else open(path, "rb")  # noqa: SIM115 - held by proxy
+    block = fileobj.read(348)
+    fileobj.seek(0)
+    if block[344:348] in (b"n+1\x00", b"ni1\x00"):
+        cls = nib.Nifti1Image
+    elif block[4:8] in (b"n+2\x00", b"ni2\x00"):
+        cls = nib.Nifti2Image
+    else:
+        fileobj.close()
+        raise ConversionError(f"{path}: no NIfTI-1/2 magic in the header")
+    if block[344:348] == b"ni1\x00" or block[4:8] == b"ni2\x00":
+        fileobj.close()
+        return nib.load(path)  # header/image pairs (.hdr/.img) need nibabel's file naming
+    holder = nib.FileHolder(filename=str(path), fileobj=fileobj)
+    return cls.from_file_map({"header": holder, "image": holder}, mmap=False)
+
+
+def _file_header(nib: Any, img: Any, path: Path) -> Any:
+    """The header exactly as in the file (nibabel moves scl_* into the data proxy on load)."""
+    import gzip
+    import io
+
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        raw = f.read(img.header.sizeof_hdr)
+    return type(img.header).from_fileobj(io.BytesIO(raw), check=False)
+
+
 def _header_json(header: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in header.keys():
@@ -56,12 +91,17 @@ def read_nifti(path: str | Path, *, max_bytes: int | None = None) -> SourceImage
         raise missing_dependency("nibabel") from exc
     path = Path(path)
     try:
-        img = nib.load(path)
+        img = _load(nib, path)
+    except ConversionError:
+        raise
     except Exception as exc:
         raise ConversionError(f"{path}: not a readable NIfTI file: {exc}") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ConversionError(f"{path}: expected NIfTI-1/2, found {type(img).__name__}")
-    header = img.header
+    try:
+        header = _file_header(nib, img, path)
+    except Exception:  # a header nibabel parsed once parses again; keep nibabel's copy if not
+        header = img.header
     shape = tuple(int(s) for s in img.shape)
     dtype = header.get_data_dtype()
     if len(shape) > 4 or len(shape) < 2:
@@ -87,6 +127,8 @@ def read_nifti(path: str | Path, *, max_bytes: int | None = None) -> SourceImage
         zooms[3], zooms[2], zooms[1], zooms[0])
     space_unit, time_unit = header.get_xyzt_units()
     slope, inter = header.get_slope_inter()
+    if slope is None:  # unscaled in the header; nibabel reports 1/0 in the proxy
+        slope, inter = None, None
     sform, sform_code = header.get_sform(coded=True)
     qform, qform_code = header.get_qform(coded=True)
     metadata = {
@@ -98,7 +140,7 @@ def read_nifti(path: str | Path, *, max_bytes: int | None = None) -> SourceImage
                 {"code": int(e.get_code()),
                  "content": base64.b64encode(e.get_content() if isinstance(e.get_content(), bytes)
                                              else e._mangle(e.get_content())).decode("ascii")}
-                for e in header.extensions
+                for e in img.header.extensions
             ],
             "scl_slope": slope, "scl_inter": inter,
             "sform": None if sform is None else sform.tolist(), "sform_code": int(sform_code),
