@@ -61,6 +61,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"  dtype         : {info.dtype} (stored as {info.stored_dtype}, {info.values.kind})")
     print(f"  spacing       : {info.spacing}")
     print(f"  chunks        : {info.chunks} ({int(np.prod(info.grid))} chunks)")
+    from mist_zarr.export import allowed_exports
+
+    print(f"  exports to    : {', '.join(allowed_exports(info.source_format))}")
     for row in _level_table(info, mist_zarr.read_index(group)):
         print("  " + row)
     return 0
@@ -76,6 +79,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.report:
         Path(args.report).write_text(dumps(report.to_json()) + "\n")
     return 0 if report.ok else 1
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mist_zarr.export import export
+
+    result = export(args.store, args.out, format=args.format, scale=args.scale, size=args.size,
+                    window=args.window, bits=args.bits, uncompressed=args.uncompressed)
+    print(f"wrote {len(result.files)} {result.format} file(s) at level {result.level} to {args.out}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return 0
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
@@ -126,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE", help="also write the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("export", help="export an image down the format hierarchy at any level")
+    p.add_argument("store", help="path or URL of a mist-zarr image")
+    p.add_argument("out", help="output file (NIfTI) or folder (DICOM, PNG, JPEG)")
+    p.add_argument("--format", required=True, choices=["dicom", "nifti", "png", "jpeg"])
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("--scale", type=int, help="level k (2**k times smaller in y and x)")
+    level.add_argument("--size", type=int, help="the level whose shorter edge is closest >= N")
+    p.add_argument("--bits", type=int, choices=[8, 16], help="PNG bit depth (default: native)")
+    p.add_argument("--window", type=float, nargs=2, metavar=("CENTRE", "WIDTH"),
+                   help="window for 8-bit pictures (default: the DICOM window, else min-max)")
+    p.add_argument("--uncompressed", action="store_true",
+                   help="DICOM: write uncompressed pixel data instead of the HTJ2K chunks")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("ls", help="list the images of a dataset root")
     p.add_argument("dest", help="dataset root")
