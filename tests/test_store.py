@@ -223,3 +223,15 @@ def test_store_over_fsspec_urls(tmp_path, phantom, scheme):
     np.testing.assert_array_equal(zarr.open_array(store, path="s0/image", mode="r")[...], phantom)
     assert mist_zarr.open(url, scale=2).shape == (6, 75, 65)
     assert pickle.loads(pickle.dumps(store)) == store
+
+
+def test_store_over_an_obstore_object_store(tmp_path, phantom):
+    obstore = pytest.importorskip("obstore")
+    from zarr.storage import ObjectStore
+
+    mist_zarr.write_image(ObjectStore(obstore.store.LocalStore(str(tmp_path))), phantom)
+    store = MultiscaleStore(ObjectStore(obstore.store.LocalStore(str(tmp_path)), read_only=True))
+    np.testing.assert_array_equal(mist_zarr.open(store).values, phantom)
+    np.testing.assert_array_equal(mist_zarr.open(store, scale=1).values,
+                                  mist_zarr.open(tmp_path, scale=1).values)
+    assert pickle.loads(pickle.dumps(store)) == store
