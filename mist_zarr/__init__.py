@@ -15,18 +15,25 @@ from .values import LossyInputError, ValueMapping  # noqa: E402
 from .writer import write_image  # noqa: E402
 from .store import MultiscaleStore, PrefixError  # noqa: E402
 from .access import choose_level, open, open_dataset  # noqa: E402
+from .convert import ConvertReport, convert, list_images  # noqa: E402
+from .export import export  # noqa: E402
+from .verify import verify  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
     "CodestreamError",
+    "ConvertReport",
     "ImageInfo",
     "IncompleteImageError",
     "LossyInputError",
     "MultiscaleStore",
     "PrefixError",
     "choose_level",
+    "convert",
+    "export",
+    "list_images",
     "open",
     "open_dataset",
     "ValueMapping",
@@ -37,5 +44,6 @@ __all__ = [
     "read_checksums",
     "read_image",
     "read_index",
+    "verify",
     "write_image",
 ]

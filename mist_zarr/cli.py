@@ -92,6 +92,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from mist_zarr.convert import dumps
+    from mist_zarr.verify import verify
+
+    report = verify(args.path, levels=args.levels, source=args.source, workers=args.workers)
+    print(dumps(report.to_json()) if args.json else report.summary())
+    return 0 if report.ok else 1
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
     from mist_zarr.convert import dumps, format_table, list_images
 
@@ -154,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncompressed", action="store_true",
                    help="DICOM: write uncompressed pixel data instead of the HTJ2K chunks")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("verify", help="decode every chunk and check it against its checksum")
+    p.add_argument("path", help="an image or a dataset root")
+    p.add_argument("--levels", action="store_true",
+                   help="also check that every level's prefix decodes like the full stream")
+    p.add_argument("--source", help="also compare with the source files (as given to convert)")
+    p.add_argument("--workers", type=int, help="processes for a dataset (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("ls", help="list the images of a dataset root")
     p.add_argument("dest", help="dataset root")

@@ -193,6 +193,45 @@ def _existing(root: zarr.Group, path: str) -> ImageInfo | None:
     return ImageInfo.from_json(attrs, where=path)
 
 
+def iter_sources(
+    src: str | os.PathLike | Iterable[str | os.PathLike],
+    *,
+    problems: list[Problem],
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    exclude: Path | None = None,
+) -> Iterator[SourceImage]:
+    """Read every image under ``src`` lazily, named as :func:`convert` names them.
+
+    Files that are not images, and sources that cannot be read, are appended
+    to ``problems`` with the reason.
+    """
+    sources = [Path(src)] if isinstance(src, (str, os.PathLike)) else [Path(s) for s in src]
+    files: list[tuple[Path, Path]] = []
+    dicom_files: list[Path] = []
+    for base in sources:
+        for path in _walk(base, exclude):
+            kind = _sniff(path)
+            if kind is None:
+                problems.append(Problem(str(path), "not a DICOM, NIfTI, PNG, JPEG or TIFF file",
+                                        kind="skipped"))
+            elif kind.startswith("dicom"):
+                dicom_files.append(path)
+            else:
+                files.append((base, path))
+    taken: set[str] = set()
+
+    def named(images: Iterable[SourceImage]) -> Iterator[SourceImage]:
+        for image in images:
+            image.name = _unique(image.name, taken, "|".join(image.source_files))
+            yield image
+
+    for base in sources:
+        yield from named(_file_sources([p for b, p in files if b == base], base, max_bytes,
+                                       problems))
+    if dicom_files:
+        yield from named(_dicom_sources(dicom_files, max_bytes, problems))
+
+
 def convert(
     src: str | os.PathLike | Iterable[str | os.PathLike],
     dest: Any,
@@ -223,34 +262,13 @@ def convert(
     if DATASET_ATTR not in root.attrs:
         root.attrs[DATASET_ATTR] = {"format": "mist-zarr-dataset", "format_version": FORMAT_VERSION}
 
-    by_kind: dict[str, list[tuple[Path, Path]]] = {"files": [], "dicom": []}
-    for base in sources:
-        for path in _walk(base, exclude):
-            kind = _sniff(path)
-            if kind is None:
-                report.problems.append(Problem(str(path), "not a DICOM, NIfTI, PNG, JPEG or TIFF "
-                                               "file", kind="skipped"))
-            elif kind.startswith("dicom"):
-                by_kind["dicom"].append((base, path))
-            else:
-                by_kind["files"].append((base, path))
-
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(by_kind["files"]) + len(by_kind["dicom"]), unit="file",
-               desc="convert", disable=not progress, leave=False)
-    taken: set[str] = set()
-
-    def images() -> Iterator[SourceImage]:
-        for base in sources:
-            files = [p for b, p in by_kind["files"] if b == base]
-            yield from _file_sources(files, base, max_bytes, report.problems)
-        dicom_files = [p for _, p in by_kind["dicom"]]
-        if dicom_files:
-            yield from _dicom_sources(dicom_files, max_bytes, report.problems)
-
-    for image in images():
-        name = _unique(image.name, taken, "|".join(image.source_files))
+    problems = report.problems
+    sources_iter = iter_sources(sources, problems=problems, max_bytes=max_bytes, exclude=exclude)
+    bar = tqdm(unit="file", desc="convert", disable=not progress, leave=False)
+    for image in sources_iter:
+        name = image.name
         try:
             result = _write_one(root, name, image, overwrite=overwrite,
                                 skip_existing=skip_existing, alpha=alpha, quantize=quantize,

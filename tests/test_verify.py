@@ -1,0 +1,110 @@
+"""verify: every kind of damage is reported against the right chunk; readers refuse it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+import mist_zarr
+from mist_zarr import MultiscaleStore, PrefixError
+from mist_zarr.verify import verify
+
+
+@pytest.fixture
+def image(tmp_path, phantom):
+    path = tmp_path / "ds" / "img.zarr"
+    mist_zarr.write_image(path, phantom)
+    return path
+
+
+def chunk(path, z):
+    return path / "image" / "c" / str(z) / "0" / "0"
+
+
+def test_clean_image_and_dataset_verify(image, tmp_path, phantom):
+    report = verify(image, levels=True)
+    assert report.ok and report.images == 1 and report.chunks == phantom.shape[0]
+    shutil.copytree(image, tmp_path / "ds" / "nested" / "other.zarr")
+    report = verify(tmp_path / "ds", workers=2)
+    assert report.ok and report.images == 2
+
+
+def test_flipped_byte_is_found_by_the_checksum(image):
+    data = bytearray(chunk(image, 2).read_bytes())
+    data[len(data) // 2] ^= 0x40  # inside entropy-coded data: decodes silently to a wrong image
+    chunk(image, 2).write_bytes(bytes(data))
+    report = verify(image)
+    assert [(f.where, "checksum" in f.problem or "decode" in f.problem) for f in report.findings] \
+        == [("image/c/2/0/0", True)]
+
+
+def test_truncated_chunk(image):
+    data = chunk(image, 1).read_bytes()
+    chunk(image, 1).write_bytes(data[: len(data) - 100])
+    (finding, *_) = verify(image).findings
+    assert finding.where == "image/c/1/0/0" and "bytes, the index says" in finding.problem
+
+
+def test_corrupt_index_is_found_and_refused_by_readers(image):
+    index = zarr.open_array(image / "index", mode="r+")
+    values = index[...]
+    values[4, 0, 0, 2] += 3
+    index[...] = values
+    report = verify(image, levels=True)
+    assert {f.where for f in report.findings} == {"image/c/4/0/0"}
+    assert any("disagrees with the codestream" in f.problem for f in report.findings)
+    arr = zarr.open_array(MultiscaleStore(image), path="s2/image", mode="r")
+    with pytest.raises(PrefixError, match="s2/image/c/4/0/0"):
+        arr[4]
+
+
+def test_deleted_chunk(image):
+    chunk(image, 3).unlink()
+    (finding,) = verify(image).findings
+    assert finding.where == "image/c/3/0/0" and finding.problem == "chunk is missing"
+
+
+def test_damaged_zarr_json(image):
+    (image / "zarr.json").write_text("{ not json")
+    (finding,) = verify(image).findings
+    assert finding.where == "zarr.json"
+    with pytest.raises(Exception):
+        mist_zarr.read_image(image)
+
+
+def test_incomplete_image_is_reported(image):
+    doc = json.loads((image / "zarr.json").read_text())
+    doc["attributes"]["mist"]["complete"] = False
+    (image / "zarr.json").write_text(json.dumps(doc))
+    (finding,) = verify(image).findings
+    assert "incomplete" in finding.problem
+
+
+def test_verify_against_sources(tmp_path):
+    import nibabel as nib
+
+    data = np.random.default_rng(0).integers(0, 1000, (30, 40, 5), dtype=np.int16)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "a.nii.gz")
+    assert mist_zarr.convert(tmp_path / "a.nii.gz", tmp_path / "ds").ok
+    assert verify(tmp_path / "ds", source=tmp_path / "a.nii.gz").ok
+    other = data.copy()
+    other[0, 0, 0] += 1
+    nib.save(nib.Nifti1Image(other, np.eye(4)), tmp_path / "a.nii.gz")
+    (finding,) = verify(tmp_path / "ds", source=tmp_path / "a.nii.gz").findings
+    assert finding.where == "source" and "differ" in finding.problem
+
+
+def test_cli_verify_exit_codes(image):
+    ok = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "verify", str(image), "--levels"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    chunk(image, 0).unlink()
+    bad = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "verify", str(image)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "image/c/0/0/0" in bad.stdout
