@@ -45,11 +45,16 @@ def read_image(source: Any, **kwargs: Any) -> np.ndarray:
     return info.values.decode(stored)
 
 
-def read_index(group: zarr.Group) -> np.ndarray:
-    """Prefix index: bytes per chunk (leading axes) per level (last axis); 0 = absent."""
-    return group[INDEX][...]
+def _group(source: Any) -> zarr.Group:
+    return source if isinstance(source, zarr.Group) else open_image(source)[0]
 
 
-def read_checksums(group: zarr.Group) -> np.ndarray:
+def read_index(source: Any) -> np.ndarray:
+    """Prefix index of an image (group, path, URL or store): bytes per chunk (leading
+    axes) per level (last axis); a row of zeros marks a chunk that was not written."""
+    return _group(source)[INDEX][...]
+
+
+def read_checksums(source: Any) -> np.ndarray:
     """CRC32C of each chunk's stored samples (little-endian, C order, padded chunk)."""
-    return group[CHECKSUM][...]
+    return _group(source)[CHECKSUM][...]

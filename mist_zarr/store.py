@@ -160,7 +160,9 @@ class MultiscaleStore(Store):
         )
 
     def __hash__(self) -> int:
-        return hash((type(self), str(self._source)))
+        # equal stores may be built from different sources (path vs file:// URL),
+        # so hash only what equality cannot disagree with
+        return hash((type(self), type(self._physical).__name__))
 
     def __repr__(self) -> str:
         return f"MultiscaleStore({self._source!r})"

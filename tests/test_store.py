@@ -235,3 +235,10 @@ def test_store_over_an_obstore_object_store(tmp_path, phantom):
     np.testing.assert_array_equal(mist_zarr.open(store, scale=1).values,
                                   mist_zarr.open(tmp_path, scale=1).values)
     assert pickle.loads(pickle.dumps(store)) == store
+
+
+def test_equal_stores_hash_equal(written):
+    path, _, _ = written
+    a, b = MultiscaleStore(path), MultiscaleStore(f"file://{path}")
+    assert a == b and hash(a) == hash(b)
+    assert mist_zarr.read_index(path).shape == mist_zarr.read_index(zarr.open_group(path)).shape
