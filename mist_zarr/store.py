@@ -299,12 +299,11 @@ class MultiscaleStore(Store):
             return None
         return f"{IMAGE}/c{m.group(2)}", k, length
 
-    async def get(
-        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
-    ) -> Buffer | None:
-        state = await self.state()
+    def _plan(self, state: _State, key: str, byte_range: ByteRequest | None
+              ) -> tuple[str, ByteRequest | None, int, int] | bytes | None:
+        """Metadata bytes, None (absent), or (physical key, range to read, level, prefix)."""
         if key in state.meta:
-            return _slice(prototype.buffer.from_bytes(state.meta[key]), byte_range)
+            return state.meta[key]
         try:
             target = self.resolve(state, key)
         except KeyError:
@@ -313,13 +312,16 @@ class MultiscaleStore(Store):
             return None
         physical, k, length = target
         if k == 0:
-            buf = await self._physical.get(physical, prototype, byte_range)
-            if buf is None:
-                raise PrefixError(f"chunk {key!r}: indexed as present but {physical!r} is missing")
-            return buf
-        buf = await self._physical.get(physical, prototype, RangeByteRequest(0, length + 2))
+            return physical, byte_range, 0, length
+        return physical, RangeByteRequest(0, length + 2), k, length
+
+    @staticmethod
+    def _finish(key: str, physical: str, k: int, length: int, buf: Buffer | None,
+                byte_range: ByteRequest | None) -> Buffer:
         if buf is None:
             raise PrefixError(f"chunk {key!r}: indexed as present but {physical!r} is missing")
+        if k == 0:
+            return buf
         data = buf.as_numpy_array()
         if len(data) != length + 2 or not is_boundary(data[length:].tobytes()):
             found = data[length:].tobytes().hex() or "end of data"
@@ -329,6 +331,48 @@ class MultiscaleStore(Store):
                 f"{found} in {len(data)} bytes); the prefix index is wrong or the chunk changed"
             )
         return _slice(buf[:length], byte_range)
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        plan = self._plan(await self.state(), key, byte_range)
+        if plan is None:
+            return None
+        if isinstance(plan, bytes):
+            return _slice(prototype.buffer.from_bytes(plan), byte_range)
+        physical, request, k, length = plan
+        buf = await self._physical.get(physical, prototype, request)
+        return self._finish(key, physical, k, length, buf, byte_range)
+
+    # -- zarr's synchronous fast path, offered when the physical store has one --
+    @property
+    def _supports_sync_io(self) -> bool:
+        from zarr.abc.store import _store_supports_sync_io
+
+        return _store_supports_sync_io(self._physical)
+
+    def get_sync(self, key: str, *, prototype: BufferPrototype | None = None,
+                 byte_range: ByteRequest | None = None) -> Buffer | None:
+        prototype = prototype or default_buffer_prototype()
+        state = self._state
+        if state is None:
+            from zarr.core.sync import sync
+
+            state = sync(self.state())
+        plan = self._plan(state, key, byte_range)
+        if plan is None:
+            return None
+        if isinstance(plan, bytes):
+            return _slice(prototype.buffer.from_bytes(plan), byte_range)
+        physical, request, k, length = plan
+        buf = self._physical.get_sync(physical, prototype=prototype, byte_range=request)
+        return self._finish(key, physical, k, length, buf, byte_range)
+
+    def set_sync(self, key: str, value: Buffer) -> None:
+        raise PermissionError("MultiscaleStore is read-only")
+
+    def delete_sync(self, key: str) -> None:
+        raise PermissionError("MultiscaleStore is read-only")
 
     async def get_partial_values(
         self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]

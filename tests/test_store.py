@@ -242,3 +242,21 @@ def test_equal_stores_hash_equal(written):
     a, b = MultiscaleStore(path), MultiscaleStore(f"file://{path}")
     assert a == b and hash(a) == hash(b)
     assert mist_zarr.read_index(path).shape == mist_zarr.read_index(zarr.open_group(path)).shape
+
+
+def test_zarr_fused_pipeline_uses_the_same_key_map(written):
+    """zarr's fused pipeline reads through get_sync: it must remap and check like get."""
+    path, vol, info = written
+    expected = mist_zarr.open(path, scale=2).values
+    with zarr.config.set({"codec_pipeline.path": "zarr.core.codec_pipeline.FusedCodecPipeline"}):
+        store = MultiscaleStore(path)
+        assert store._supports_sync_io
+        np.testing.assert_array_equal(zarr.open_array(store, path="s2/image", mode="r")[...],
+                                      expected)
+        index = zarr.open_array(path / INDEX, mode="r+")
+        bad = index[...]
+        bad[5, 0, 0, 2] += 1
+        index[...] = bad
+        arr = zarr.open_array(MultiscaleStore(path), path="s2/image", mode="r")
+        with pytest.raises(PrefixError, match="s2/image/c/5/0/0"):
+            arr[...]
