@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import imagecodecs
 import numpy as np
 import zarr
+from zarr.abc.store import _store_supports_sync_io
 
 from .format import ATTR, CHECKSUM, IMAGE, INDEX, ImageInfo, IncompleteImageError
 
@@ -38,11 +42,42 @@ def open_image(
     return group, info
 
 
-def read_image(source: Any, **kwargs: Any) -> np.ndarray:
+def read_image(source: Any, *, threads: int | None = None, **kwargs: Any) -> np.ndarray:
     """Full-resolution samples in the caller's original dtype, bit-exact."""
     group, info = open_image(source, **kwargs)
-    stored = group[IMAGE][...]
+    image = group[IMAGE]
+    if _store_supports_sync_io(image.store_path.store):
+        stored = _read_direct(image, info, threads)
+    else:
+        stored = image[...]
     return info.values.decode(stored)
+
+
+def _read_direct(image: zarr.Array, info: ImageInfo, threads: int | None) -> np.ndarray:
+    """Read and decode chunks on a thread pool straight into the output array.
+
+    Same result as ``image[...]`` (a test holds them equal); it skips zarr's
+    two thread hand-offs per chunk, which cost as much as decoding a slice.
+    """
+    store, base = image.store_path.store, image.store_path.path
+    out = np.zeros(info.shape, info.stored_dtype)
+
+    def load(coords: tuple[int, ...]) -> None:
+        key = f"{base}/{image.metadata.encode_chunk_key(coords)}"
+        buf = store.get_sync(key)
+        if buf is None:
+            return  # not written: fill value 0
+        try:
+            decoded = imagecodecs.htj2k_decode(buf.as_numpy_array()).reshape(info.chunks)
+        except Exception as exc:
+            raise ValueError(f"chunk {key!r} does not decode to {info.chunks}: {exc}") from exc
+        target = out[tuple(slice(c * n, (c + 1) * n) for c, n in zip(coords, info.chunks))]
+        target[...] = decoded[tuple(slice(0, n) for n in target.shape)]  # edge chunks
+
+    workers = threads or min(32, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mist-decode") as pool:
+        list(pool.map(load, np.ndindex(*info.grid)))
+    return out
 
 
 def _group(source: Any) -> zarr.Group:

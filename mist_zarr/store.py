@@ -87,9 +87,10 @@ _BYTES_LE = [{"name": "bytes", "configuration": {"endian": "little"}}]
 
 
 def ome_multiscales(info: ImageInfo, name: str = "image") -> dict[str, Any] | None:
-    """OME-NGFF 0.5 ``ome`` attribute for the virtual levels, or None for colour images
-    (NGFF requires the channel axis before the space axes; mist-zarr keeps colour last)."""
-    if "c" in info.dims:
+    """OME-NGFF 0.5 ``ome`` attribute for the virtual levels, or None when the axes do not
+    fit NGFF: colour (NGFF puts channels before space; mist-zarr keeps ``c`` last) and
+    axes without an NGFF type (a DICOM multi-frame ``frame`` axis)."""
+    if any(d == "c" or d not in _AXIS_TYPES for d in info.dims):
         return None
     axes = []
     for d in info.dims:

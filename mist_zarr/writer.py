@@ -13,6 +13,7 @@ import imagecodecs
 import numpy as np
 import zarr
 from imagecodecs.zarr import Htj2k
+from zarr.abc.store import _store_supports_sync_io
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
@@ -160,6 +161,15 @@ def _write_chunks(image, data, info: ImageInfo, index, checksum, threads, write_
     store = image.store_path.store
     base = image.store_path.path
     prototype = default_buffer_prototype()
+    # Stores with a synchronous surface (local, memory) are written from the
+    # encoder threads directly; a hop through zarr's event loop per chunk
+    # would serialise the threads and cost more than the file write itself.
+    if _store_supports_sync_io(store):
+        def put(key: str, data: bytes) -> None:
+            store.set_sync(key, prototype.buffer.from_bytes(data))
+    else:
+        def put(key: str, data: bytes) -> None:
+            sync(store.set(key, prototype.buffer.from_bytes(data)))
     kwargs = encode_kwargs(info.levels)
     iy, ix = plane_axes(info.dims)
     ty, tx = info.chunks[iy], info.chunks[ix]
@@ -176,7 +186,7 @@ def _write_chunks(image, data, info: ImageInfo, index, checksum, threads, write_
                 padded = np.zeros((ty, tx) + tail, tile.dtype)
                 padded[: tile.shape[0], : tile.shape[1]] = tile
                 tile = padded
-            crc = google_crc32c.value(tile.astype(tile.dtype.newbyteorder("<"), copy=False).tobytes())
+            crc = google_crc32c.value(tile.astype(tile.dtype.newbyteorder("<"), copy=False))
             row = ()
             if write_empty or tile.any():
                 encoded = imagecodecs.htj2k_encode(tile, **kwargs)
@@ -184,7 +194,7 @@ def _write_chunks(image, data, info: ImageInfo, index, checksum, threads, write_
                 if len(row) < info.levels + 1 or (info.levels and len(row) != info.levels + 1):
                     raise CodestreamError(f"encoder wrote {len(row) - 1} levels, expected {info.levels}")
                 row = row[: info.levels + 1]
-                sync(store.set(key, prototype.buffer.from_bytes(encoded)))
+                put(key, encoded)
             with lock:
                 checksum[coords] = crc
                 if row:

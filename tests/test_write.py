@@ -269,3 +269,18 @@ def test_any_integer_array_roundtrips(tmp_path_factory, a):
     path = tmp_path_factory.mktemp("h") / "img.zarr"
     mist_zarr.write_image(path, a)
     np.testing.assert_array_equal(mist_zarr.read_image(path), a)
+
+
+def test_direct_read_equals_zarr_read(tmp_path):
+    """read_image's direct path and zarr's own pipeline give the same samples."""
+    rng = np.random.default_rng(12)
+    cases = {
+        "tiles": (rng.integers(0, 4000, (2, 300, 700), dtype=np.uint16), {"tile": 256}),
+        "rgb": (rng.integers(0, 255, (3, 90, 70, 3), dtype=np.uint8), {"dims": ("z", "y", "x", "c")}),
+        "holes": (np.pad(rng.integers(-5, 5, (2, 80, 80), dtype=np.int16), ((1, 1), (0, 0), (0, 0))), {}),
+    }
+    for name, (a, kw) in cases.items():
+        mist_zarr.write_image(tmp_path / name, a, **kw)
+        zarr_read = zarr.open_array(tmp_path / name / "image", mode="r")[...]
+        np.testing.assert_array_equal(zarr_read, a)
+        np.testing.assert_array_equal(mist_zarr.read_image(tmp_path / name, threads=3), a)
