@@ -134,42 +134,64 @@ def write_image(
         metadata=dict(metadata or {}),
     )
 
-    group = zarr.open_group(
-        dest, mode="w" if overwrite else "w-", zarr_format=3,
-        storage_options=dict(storage_options) if storage_options else None,
-        attributes={ATTR: info.to_json()},
-    )
-    image = group.create_array(
-        IMAGE, shape=shape, dtype=mapping.stored_dtype, chunks=chunks,
-        serializer=Htj2k.from_dict(codec_config(n)), compressors=None, fill_value=0,
-        dimension_names=dims,
-    )
     grid = info.grid
     index = np.zeros(grid + (n + 1,), np.uint64)
     checksum = np.zeros(grid, np.uint32)
-    _write_chunks(image, data, info, index, checksum, threads, write_empty_chunks)
-
     chunk_dims = tuple(f"{d}_chunk" for d in dims)
-    group.create_array(INDEX, data=index, chunks=index.shape, dimension_names=chunk_dims + ("level",))
-    group.create_array(CHECKSUM, data=checksum, chunks=checksum.shape, dimension_names=chunk_dims)
+
+    def create() -> tuple[zarr.Group, zarr.Array]:
+        group = zarr.open_group(
+            dest, mode="w" if overwrite else "w-", zarr_format=3,
+            storage_options=dict(storage_options) if storage_options else None,
+            attributes={ATTR: info.to_json()},
+        )
+        image = group.create_array(
+            IMAGE, shape=shape, dtype=mapping.stored_dtype, chunks=chunks,
+            serializer=Htj2k.from_dict(codec_config(n)), compressors=None, fill_value=0,
+            dimension_names=dims,
+        )
+        group.create_array(INDEX, shape=index.shape, dtype=index.dtype, chunks=index.shape,
+                           fill_value=0, dimension_names=chunk_dims + ("level",))
+        group.create_array(CHECKSUM, shape=checksum.shape, dtype=checksum.dtype,
+                           chunks=checksum.shape, fill_value=0, dimension_names=chunk_dims)
+        return group, image
+
+    group = _write_chunks(create, data, info, index, checksum, threads, write_empty_chunks)
+    group[INDEX][...] = index
+    group[CHECKSUM][...] = checksum
     info = info.completed()
     group.attrs.update({ATTR: info.to_json()})
     return info
 
 
-def _write_chunks(image, data, info: ImageInfo, index, checksum, threads, write_empty) -> None:
-    store = image.store_path.store
-    base = image.store_path.path
+def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write_empty):
+    """Encode every chunk on a thread pool and store it; return the group.
+
+    Encoding starts before ``create`` makes the zarr group and image array
+    (that metadata round trip costs as much as encoding a few slices); the
+    encoder threads wait for it only to store their first chunk.
+    """
     prototype = default_buffer_prototype()
-    # Stores with a synchronous surface (local, memory) are written from the
-    # encoder threads directly; a hop through zarr's event loop per chunk
-    # would serialise the threads and cost more than the file write itself.
-    if _store_supports_sync_io(store):
-        def put(key: str, data: bytes) -> None:
-            store.set_sync(key, prototype.buffer.from_bytes(data))
-    else:
-        def put(key: str, data: bytes) -> None:
-            sync(store.set(key, prototype.buffer.from_bytes(data)))
+    created = threading.Event()
+    target: dict[str, Any] = {}
+
+    def put(coords: tuple[int, ...], encoded: bytes) -> str:
+        created.wait()
+        if "image" not in target:
+            raise RuntimeError("the image array was not created")
+        image = target["image"]
+        key = f"{image.store_path.path}/{image.metadata.encode_chunk_key(coords)}"
+        store = image.store_path.store
+        buf = prototype.buffer.from_bytes(encoded)
+        # Stores with a synchronous surface (local, memory) are written from
+        # the encoder threads; a hop through zarr's event loop per chunk would
+        # serialise them and cost more than the write itself.
+        if target["direct"]:
+            store.set_sync(key, buf)
+        else:
+            sync(store.set(key, buf))
+        return key
+
     kwargs = encode_kwargs(info.levels)
     iy, ix = plane_axes(info.dims)
     ty, tx = info.chunks[iy], info.chunks[ix]
@@ -179,7 +201,7 @@ def _write_chunks(image, data, info: ImageInfo, index, checksum, threads, write_
     failures: list[BaseException] = []
 
     def encode(coords: tuple[int, ...], plane: np.ndarray) -> None:
-        key = f"{base}/{image.metadata.encode_chunk_key(coords)}"
+        key = f"chunk {coords}"
         try:
             tile = np.ascontiguousarray(mapping.encode(plane))
             if tile.shape[:2] != (ty, tx):  # edge tile: zarr stores full chunks
@@ -194,7 +216,7 @@ def _write_chunks(image, data, info: ImageInfo, index, checksum, threads, write_
                 if len(row) < info.levels + 1 or (info.levels and len(row) != info.levels + 1):
                     raise CodestreamError(f"encoder wrote {len(row) - 1} levels, expected {info.levels}")
                 row = row[: info.levels + 1]
-                put(key, encoded)
+                key = put(coords, encoded)
             with lock:
                 checksum[coords] = crc
                 if row:
@@ -207,7 +229,7 @@ def _write_chunks(image, data, info: ImageInfo, index, checksum, threads, write_
     n_lead = iy
     workers = threads or min(32, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mist-encode") as pool:
-        for offset, block in _blocks(data, n_lead):
+        for number, (offset, block) in enumerate(_blocks(data, n_lead)):
             futures = []
             for lead in np.ndindex(*block.shape[:n_lead]):
                 planes = block[lead]
@@ -216,7 +238,14 @@ def _write_chunks(image, data, info: ImageInfo, index, checksum, threads, write_
                         part = planes[cy * ty : (cy + 1) * ty, cx * tx : (cx + 1) * tx]
                         coords = tuple(o + i for o, i in zip(offset, lead)) + (cy, cx) + (0,) * len(tail)
                         futures.append(pool.submit(encode, coords, part))
+            if number == 0:
+                try:
+                    target["group"], target["image"] = create()
+                    target["direct"] = _store_supports_sync_io(target["image"].store_path.store)
+                finally:
+                    created.set()  # on failure the waiting encoders raise and drain
             for f in futures:
                 f.result()
             if failures:
                 raise failures[0]
+    return target["group"]

@@ -9,8 +9,8 @@ are RAS+ (NIfTI/nibabel convention) and map the homogeneous voxel index
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -45,16 +45,22 @@ def direction_cosines(iop: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.
     row, col = v[:3], v[3:]
     nr, nc = float(np.linalg.norm(row)), float(np.linalg.norm(col))
     if abs(nr - 1.0) > 0.01 or abs(nc - 1.0) > 0.01:
-        raise ValueError(f"ImageOrientationPatient cosines are not unit vectors (|row|={nr:.4f}, |col|={nc:.4f})")
+        raise ValueError(
+            f"ImageOrientationPatient cosines are not unit vectors (|row|={nr:.4f}, |col|={nc:.4f})"
+        )
     row, col = row / nr, col / nc
     dot = float(row @ col)
     if abs(dot) > 0.01:
-        raise ValueError(f"ImageOrientationPatient row and column cosines are not orthogonal (dot={dot:.4f})")
+        raise ValueError(
+            f"ImageOrientationPatient row and column cosines are not orthogonal (dot={dot:.4f})"
+        )
     normal = np.cross(row, col)
     return row, col, normal / np.linalg.norm(normal)
 
 
-def cosines_from_patient_orientation(po: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray] | None:
+def cosines_from_patient_orientation(
+    po: Sequence[str] | None,
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Return LPS row/column unit vectors for PatientOrientation (e.g. ['L', 'F']), or None.
 
     Each value is one or more of the letters L R A P H F; a value made of
@@ -149,7 +155,12 @@ def analyse_slice_positions(
     p = np.asarray(positions, dtype=np.float64)
     n = np.asarray(normal, dtype=np.float64)
     if p.shape[0] == 1:
-        return SliceLayout(step=n * nominal_thickness, spacing=float(nominal_thickness), gaps=np.zeros(0), tilt_deg=0.0)
+        return SliceLayout(
+            step=n * nominal_thickness,
+            spacing=float(nominal_thickness),
+            gaps=np.zeros(0),
+            tilt_deg=0.0,
+        )
     d = p @ n
     gaps = np.diff(d)
     if np.any(gaps <= SAME_POSITION_TOL_MM):
@@ -219,4 +230,6 @@ def mosaic_origin(
     row_spacing, col_spacing = pixel_spacing
     d_cols = (mosaic_shape[1] - tile_shape[1]) / 2.0
     d_rows = (mosaic_shape[0] - tile_shape[0]) / 2.0
-    return np.asarray(mosaic_position, float) + row * col_spacing * d_cols + col * row_spacing * d_rows
+    return (
+        np.asarray(mosaic_position, float) + row * col_spacing * d_cols + col * row_spacing * d_rows
+    )
