@@ -92,7 +92,7 @@ class ConvertReport:
                 "converted": [asdict(s) for s in self.converted],
                 "problems": [asdict(p) for p in self.problems]}
 
-    def summary(self) -> str:
+    def summary(self, max_skipped: int = 10) -> str:
         new = [s for s in self.converted if s.status == "converted"]
         lines = [
             f"{len(new)} image(s) converted, {len(self.converted) - len(new)} already complete, "
@@ -105,8 +105,11 @@ class ConvertReport:
                          f"(ratio {ratio:.2f})")
         for p in self.failed:
             lines.append(f"FAILED  {p.source}: {p.reason}")
-        for p in self.skipped:
+        for p in self.skipped[:max_skipped]:
             lines.append(f"skipped {p.source}: {p.reason}")
+        if len(self.skipped) > max_skipped:
+            lines.append(f"... and {len(self.skipped) - max_skipped} more skipped file(s) "
+                         "(all are listed in the JSON report)")
         return "\n".join(lines)
 
 
@@ -128,18 +131,20 @@ def _sniff(path: Path) -> str | None:
     from .converters.image import image_format
     from .converters.nifti import is_nifti
 
-    if is_nifti(path):
-        return "nifti"
-    fmt = image_format(path)
-    if fmt:
-        return fmt
     try:
         with open(path, "rb") as f:
             head = f.read(132)
     except OSError:
         return None
+    # DICOM first: the 128-byte preamble may itself be a TIFF header
+    # (dual-personality DICOM-TIFF files)
     if head[128:132] == b"DICM":
         return "dicom"
+    if is_nifti(path):
+        return "nifti"
+    fmt = image_format(path)
+    if fmt:
+        return fmt
     # DICOM without a preamble (old ACR-NEMA style): let pydicom decide
     return "dicom?" if len(head) >= 8 and head[0] in (0x02, 0x08) and head[1] == 0x00 else None
 
@@ -338,14 +343,14 @@ def list_images(dest: Any, *, storage_options: dict[str, Any] | None = None) -> 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A human-readable table of :func:`list_images` rows."""
-    header = f"{'path':<48} {'mod':<4} {'shape':<18} {'dtype':<7} {'spacing (mm)':<20} " \
-             f"{'source':<6} {'bytes':>12}"
-    out = [header]
+    width = max([len(r["path"]) for r in rows] + [4])
+    out = [f"{'path':<{width}}  {'mod':<4} {'shape':<18} {'dtype':<7} {'spacing':<20} "
+           f"{'source':<6} {'bytes':>12}"]
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
         spacing = ",".join(f"{s:.3g}" for s in r["spacing"])
         flag = "" if r["complete"] else "  INCOMPLETE"
-        out.append(f"{r['path']:<48} {r['modality']:<4} {shape:<18} {r['dtype']:<7} "
+        out.append(f"{r['path']:<{width}}  {r['modality']:<4} {shape:<18} {r['dtype']:<7} "
                    f"{spacing:<20} {r['source_format']:<6} {r['bytes']:>12,}{flag}")
     return "\n".join(out)
 

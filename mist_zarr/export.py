@@ -94,10 +94,15 @@ def export(
 def _export_nifti(store: Any, info: ImageInfo, k: int, out: Path) -> ExportResult:
     import nibabel as nib
 
-    if "c" in info.dims:
-        raise ExportError(f"{store}: colour images are not exported to NIfTI")
     data = open_level(store, scale=k).values
-    spatial = data.T  # ([t,] z, y, x) -> (x, y, z[, t])
+    if "c" in info.dims:  # NIfTI RGB24 / RGBA32: one structured voxel per colour sample
+        if data.dtype != np.uint8:
+            raise ExportError(f"{store}: NIfTI colour voxels are 8-bit; this image is {data.dtype}")
+        order = tuple(range(data.ndim - 2, -1, -1)) + (data.ndim - 1,)
+        rgb = np.dtype([(name, "u1") for name in "RGBA"[: data.shape[-1]]])
+        spatial = np.ascontiguousarray(data.transpose(order)).view(rgb)[..., 0]
+    else:
+        spatial = data.T  # ([t,] z, y, x) -> (x, y, z[, t])
     if spatial.ndim == 2:
         spatial = spatial[:, :, np.newaxis]
     affine = info.level_affine(k)

@@ -115,3 +115,20 @@ def test_cli_export_and_info(nifti_dataset, tmp_path):
                           str(nifti_dataset / "example_ct"), str(tmp_path / "d"), "--format",
                           "dicom"], capture_output=True, text=True)
     assert out.returncode == 2 and "format hierarchy" in out.stderr
+
+
+def test_rgb_nifti_roundtrips(tmp_path):
+    rgb = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+    data = np.random.default_rng(5).integers(0, 256, (20, 24, 3, 3), dtype=np.uint8)
+    voxels = np.ascontiguousarray(data).view(rgb)[..., 0]
+    nib.save(nib.Nifti1Image(voxels, np.diag([2.0, 2.0, 3.0, 1.0])), tmp_path / "rgb.nii")
+    report = convert(tmp_path / "rgb.nii", tmp_path / "ds")
+    assert report.ok, report.summary()
+    _, info = mist_zarr.open_image(tmp_path / "ds" / "rgb")
+    assert info.dims == ("z", "y", "x", "c")
+    np.testing.assert_array_equal(mist_zarr.read_image(tmp_path / "ds" / "rgb")[..., 1],
+                                  voxels["G"].T)
+    result = export(tmp_path / "ds" / "rgb", tmp_path / "back.nii", format="nifti")
+    back = nib.load(result.files[0])
+    np.testing.assert_array_equal(np.asanyarray(back.dataobj), voxels)
+    np.testing.assert_array_equal(back.affine, nib.load(tmp_path / "rgb.nii").affine)

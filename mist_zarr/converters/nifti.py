@@ -106,8 +106,10 @@ def read_nifti(path: str | Path, *, max_bytes: int | None = None) -> SourceImage
     dtype = header.get_data_dtype()
     if len(shape) > 4 or len(shape) < 2:
         raise ConversionError(f"{path}: expected 2 to 4 dimensions, found shape {shape}")
-    if dtype.fields is not None:
-        raise ConversionError(f"{path}: structured (RGB) NIfTI data type {dtype} is not supported")
+    rgb = dtype.fields is not None
+    if rgb and (set(dtype.names) - {"R", "G", "B", "A"} or
+                any(dtype.fields[n][0] != np.uint8 for n in dtype.names)):
+        raise ConversionError(f"{path}: structured NIfTI data type {dtype} is not supported")
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if max_bytes is not None and nbytes > max_bytes:
         raise ConversionError(
@@ -125,6 +127,10 @@ def read_nifti(path: str | Path, *, max_bytes: int | None = None) -> SourceImage
     dims = ("z", "y", "x") if data.ndim == 3 else ("t", "z", "y", "x")
     spacing = (zooms[2], zooms[1], zooms[0]) if data.ndim == 3 else (
         zooms[3], zooms[2], zooms[1], zooms[0])
+    if rgb:  # RGB24 / RGBA32: a trailing colour axis
+        data = np.ascontiguousarray(
+            data.view(np.uint8).reshape(data.shape + (len(dtype.names),)))
+        dims, spacing = dims + ("c",), spacing + (1.0,)
     space_unit, time_unit = header.get_xyzt_units()
     slope, inter = header.get_slope_inter()
     if slope is None:  # unscaled in the header; nibabel reports 1/0 in the proxy
@@ -148,7 +154,7 @@ def read_nifti(path: str | Path, *, max_bytes: int | None = None) -> SourceImage
             "units": {"space": space_unit, "time": time_unit},
             "intent": list(header.get_intent()),
             "descrip": header["descrip"].tobytes().rstrip(b"\x00").decode("latin-1"),
-            "dtype": dtype.name,
+            "dtype": dtype.name if not rgb else dtype.descr,
         }
     }
     warnings = []

@@ -1,0 +1,118 @@
+"""mist-zarr convert / ls on real DICOM trees, as a hospital or archive would run them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+
+import mist_zarr
+from mist_zarr.convert import convert, list_images
+
+from .conftest import shared
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """Two CT series, a radiograph that is also a TIFF, and junk, mixed in one tree."""
+    root = tmp_path_factory.mktemp("tree")
+    shutil.copytree(shared("ct", "CRLM-CT-1004"), root / "a" / "ct1004")
+    shutil.copytree(shared("ct", "TotalSegmentator-example-j2k"), root / "b" / "j2k")
+    shutil.copy(shared("radiographs", "RG3_UNCR.dcm"), root / "b" / "RG3_UNCR.dcm")
+    (root / "notes.txt").write_text("not an image")
+    cut = (root / "a" / "ct1004" / "1-01.dcm").read_bytes()
+    (root / "b" / "broken.dcm").write_bytes(cut[: len(cut) // 3])
+    return root
+
+
+@pytest.fixture(scope="module")
+def converted(tree, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("out") / "dataset"
+    return convert(tree, dest), dest
+
+
+def test_every_series_converts_and_bad_files_are_reported(converted, tree):
+    report, dest = converted
+    assert sorted(r.source_format for r in report.converted) == ["dicom", "dicom", "dicom"]
+    shapes = sorted(tuple(r.shape) for r in report.converted)
+    assert shapes == [(20, 512, 512), (41, 512, 512), (1760, 1760)]
+    failed = {p.source for p in report.failed}
+    skipped = {p.source for p in report.skipped}
+    assert str(tree / "notes.txt") in skipped
+    assert any("broken.dcm" in s for s in failed | skipped)
+    assert not report.ok  # a broken file is a failure: the exit code says so
+    assert report.bytes_in > report.bytes_out > 0
+
+
+def test_stored_pixels_are_the_dicom_stored_values(converted, tree):
+    report, dest = converted
+    ct = next(r for r in report.converted if r.shape == (41, 512, 512))
+    files = sorted((tree / "a" / "ct1004").glob("*.dcm"))
+    slices = sorted((pydicom.dcmread(f) for f in files), key=lambda d: float(d.ImagePositionPatient[2]))
+    stack = np.stack([d.pixel_array for d in slices])
+    back = mist_zarr.read_image(dest / ct.path)
+    # ascending slice-normal position; the normal of an axial (1,0,0 / 0,1,0) series is +z
+    np.testing.assert_array_equal(back, stack)
+    _, info = mist_zarr.open_image(dest / ct.path)
+    dicom = info.metadata["dicom"]
+    assert dicom["00080060"]["Value"] == ["CT"]  # Modality
+    assert "7FE00010" not in dicom  # no pixel data in the metadata
+    assert float(dicom["00281052"]["Value"][0]) == float(slices[0].RescaleIntercept)
+    per_slice = info.metadata["dicom_per_slice"]
+    assert per_slice["SOPInstanceUID"] == [[d.SOPInstanceUID] for d in slices] or \
+        per_slice["SOPInstanceUID"] == [d.SOPInstanceUID for d in slices]
+    # RAS affine: origin is the first slice's ImagePositionPatient with x and y negated
+    ipp = np.array(slices[0].ImagePositionPatient, float)
+    np.testing.assert_allclose(info.affine[:3, 3], ipp * [-1, -1, 1], atol=1e-4)
+
+
+def test_dual_personality_dicom_tiff_is_read_as_dicom(converted):
+    report, _ = converted
+    cr = next(r for r in report.converted if r.shape == (1760, 1760))
+    assert cr.source_format == "dicom" and cr.dtype == "uint16"
+
+
+def test_names_are_readable_stable_and_unique(converted, tree, tmp_path):
+    report, dest = converted
+    names = [r.path for r in report.converted]
+    assert len(set(names)) == len(names)
+    assert all(n.count("/") == 2 for n in names)  # patient/study/series
+    again = convert(tree, tmp_path / "again")
+    assert sorted(r.path for r in again.converted) == sorted(names)
+
+
+def test_rerun_refuses_skips_or_overwrites(converted, tree):
+    report, dest = converted
+    second = convert(tree / "a", dest)
+    assert not second.ok and "already converted" in second.failed[0].reason
+    skipped = convert(tree / "a", dest, skip_existing=True)
+    assert skipped.ok and [r.status for r in skipped.converted] == ["existing"]
+    redone = convert(tree / "a", dest, overwrite=True)
+    assert redone.ok and [r.status for r in redone.converted] == ["converted"]
+
+
+def test_cli_convert_and_ls(tree, tmp_path):
+    dest = tmp_path / "cli"
+    run = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "convert", str(tree / "a"),
+                          str(dest), "-q", "--report", str(tmp_path / "r.json")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "1 image(s) converted" in run.stdout and "ratio" in run.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["ok"] is True
+    run = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "convert", str(tree), str(dest),
+                          "-q", "--skip-existing"], capture_output=True, text=True)
+    assert run.returncode == 1 and "FAILED" in run.stdout  # the broken file
+    ls = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "ls", str(dest), "--json"],
+                        capture_output=True, text=True)
+    rows = json.loads(ls.stdout)
+    assert {"path", "modality", "shape", "dtype", "spacing", "source_format", "bytes"} <= set(rows[0])
+    assert sorted(r["modality"] for r in rows) == ["CR", "CT", "CT"]
+    assert rows == list_images(dest)
+    table = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "ls", str(dest)],
+                           capture_output=True, text=True).stdout
+    assert all(r["path"] in table for r in rows)
