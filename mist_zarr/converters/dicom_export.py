@@ -1,0 +1,323 @@
+"""Write a DICOM-sourced image back as a DICOM series, at any level.
+
+Level 0 keeps the identity of every instance (a lossless change of transfer
+syntax does not need new UIDs) and, by default, its HTJ2K chunks become the
+encapsulated frames *without re-encoding*: each chunk is a single-tile,
+reversible, RPCL codestream with TLM and one tile-part per resolution, which
+is what "HTJ2K with RPCL Options Image Compression (Lossless Only)"
+(1.2.840.10008.1.2.4.202) asks for. Reduced levels are new, derived images:
+deterministic UIDs derived from the originals, Rows/Columns/PixelSpacing
+scaled, ImagePositionPatient unchanged (the 5/3 wavelet keeps the even-sample
+grid), ImageType DERIVED and a DerivationDescription.
+
+Every file is written as one classic single-frame image per slice. Enhanced
+multi-frame sources become the classic storage class of their modality,
+mosaics become their de-mosaicked slices; both are recorded in the
+DerivationDescription.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import imagecodecs
+import numpy as np
+
+from ..codestream import parse_codestream
+from ..format import IMAGE, ImageInfo
+from ..layout import encode_kwargs, num_levels
+from .base import missing_dependency
+
+__all__ = ["HTJ2K_LOSSLESS", "HTJ2K_RPCL", "export_dicom", "htj2k_transfer_syntax"]
+
+HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
+HTJ2K_RPCL = "1.2.840.10008.1.2.4.202"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_OMITTED = "urn:x-mist-zarr:omitted"
+_NOT_DICOM = {"source_file_index", "frame_index", "mosaic_tile_index", "position_lps"}
+# Enhanced / multi-frame storage classes -> classic single-frame equivalents
+_CLASSIC = {
+    "1.2.840.10008.5.1.4.1.1.4.1": "1.2.840.10008.5.1.4.1.1.4",  # Enhanced MR -> MR
+    "1.2.840.10008.5.1.4.1.1.4.3": "1.2.840.10008.5.1.4.1.1.4",  # Enhanced MR colour -> MR
+    "1.2.840.10008.5.1.4.1.1.2.1": "1.2.840.10008.5.1.4.1.1.2",  # Enhanced CT -> CT
+    "1.2.840.10008.5.1.4.1.1.128.1": "1.2.840.10008.5.1.4.1.1.128",  # Enhanced PET -> PET
+    "1.2.840.10008.5.1.4.1.1.4.4": "1.2.840.10008.5.1.4.1.1.4",  # Legacy converted MR
+    "1.2.840.10008.5.1.4.1.1.2.2": "1.2.840.10008.5.1.4.1.1.2",  # Legacy converted CT
+}
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+_SOP_BY_MODALITY = {
+    "CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4",
+    "CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1",
+    "MG": "1.2.840.10008.5.1.4.1.1.1.2", "PT": "1.2.840.10008.5.1.4.1.1.128",
+    "NM": "1.2.840.10008.5.1.4.1.1.20", "US": "1.2.840.10008.5.1.4.1.1.6.1",
+    "XA": "1.2.840.10008.5.1.4.1.1.12.1",
+}
+_MULTIFRAME_ONLY = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+                    "NumberOfFrames", "DimensionIndexSequence", "DimensionOrganizationSequence",
+                    "FrameIncrementPointer", "FrameTime", "FrameTimeVector")
+
+
+def htj2k_transfer_syntax(codestream: bytes) -> str:
+    """The most specific HTJ2K lossless transfer syntax a codestream satisfies."""
+    cs = parse_codestream(codestream)
+    if not (cs.htj2k and cs.reversible):
+        raise ValueError("not a reversible HTJ2K codestream")
+    by_resolution = len(cs.tile_parts) == cs.levels + 1
+    if cs.progression == "RPCL" and cs.tlm is not None and by_resolution:
+        return HTJ2K_RPCL
+    return HTJ2K_LOSSLESS
+
+
+def _strip_omitted(doc: dict[str, Any]) -> dict[str, Any]:
+    """Drop elements whose bulk data was summarised away (their bytes are gone)."""
+    out = {}
+    for tag, elem in doc.items():
+        if str(elem.get("BulkDataURI", "")).startswith(_OMITTED):
+            continue
+        if elem.get("vr") == "SQ" and "Value" in elem:
+            elem = dict(elem, Value=[_strip_omitted(item) for item in elem["Value"]])
+        out[tag] = elem
+    return out
+
+
+def _tag(key: str) -> str:
+    from pydicom.datadict import tag_for_keyword
+
+    if len(key) == 8 and all(c in "0123456789ABCDEFabcdef" for c in key):
+        return key.upper()
+    tag = tag_for_keyword(key)
+    if tag is None:
+        raise KeyError(key)
+    return f"{tag:08X}"
+
+
+def _derived_uid(original: str, salt: str) -> str:
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=[original, "mist-zarr", salt])
+
+
+def export_dicom(store: Any, info: ImageInfo, k: int, out: Path, *, uncompressed: bool = False):
+    """Write level ``k`` of the DICOM-sourced image at ``store`` as a series under ``out``."""
+    try:
+        import pydicom
+        from pydicom.dataset import Dataset, FileMetaDataset
+        from pydicom.encaps import encapsulate
+    except ImportError as exc:  # pragma: no cover - core dependency
+        raise missing_dependency("pydicom") from exc
+    from ..access import open as open_level
+    from ..export import ExportError, ExportResult
+    from ..reader import open_image
+
+    meta = info.metadata
+    if "dicom" not in meta:
+        raise ExportError(f"{store}: no DICOM metadata stored with this image")
+    series = _strip_omitted(meta["dicom"])
+    per_slice: dict[str, list[Any]] = meta.get("dicom_per_slice", {})
+    per_vr: dict[str, str] = meta.get("dicom_per_slice_vr", {})
+    values = open_level(store, scale=k).values
+    values = info.values.encode(values) if info.values.kind != "identity" else values
+    colour = "c" in info.dims
+    plane_nd = 3 if colour else 2
+    lead = values.shape[: values.ndim - plane_nd]
+    slices = values.reshape((-1,) + values.shape[values.ndim - plane_nd:])
+    n = slices.shape[0]
+    group, _ = open_image(store)
+    image = group[IMAGE]
+    physical_slices = int(np.prod(info.grid[: len(lead)])) if lead else 1
+    whole_plane = all(g == 1 for g in info.grid[len(lead):])
+    notes: list[str] = []
+    derived = k > 0
+    positions = per_slice.get("position_lps")
+    affine_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ info.level_affine(k)
+    out.mkdir(parents=True, exist_ok=True)
+    base = Dataset.from_json(series)
+    sop_class = str(base.get("SOPClassUID", ""))
+    if sop_class in _CLASSIC:
+        notes.append(f"enhanced/multi-frame {sop_class} written as classic {_CLASSIC[sop_class]} "
+                     "single-frame images")
+    for keyword in _MULTIFRAME_ONLY:
+        if keyword in base:
+            del base[keyword]
+    image_type = [str(v) for v in base.get("ImageType", [])]
+    if "MOSAIC" in image_type:
+        image_type = [v for v in image_type if v != "MOSAIC"]
+        notes.append("Siemens mosaic written as its de-mosaicked slices")
+    files = []
+    series_uid = str(base.get("SeriesInstanceUID", "")) or _derived_uid(
+        str(base.get("StudyInstanceUID", "")) + str(base.get("SeriesNumber", "")) +
+        str(per_slice.get("SOPInstanceUID", [""])[0]), "series")
+    # one source instance may hold many slices (multi-frame, mosaic): each
+    # exported slice then needs its own instance UID and number
+    sop_column = [str(v[0] if isinstance(v, list) and v else v or "")
+                  for v in per_slice.get("SOPInstanceUID", [])]
+    split_instances = len(set(sop_column)) < n
+    if not sop_class:
+        sop_class = _SOP_BY_MODALITY.get(str(base.get("Modality", "")), _SECONDARY_CAPTURE)
+        base.SOPClassUID = sop_class
+        notes.append(f"no SOPClassUID in the source: {sop_class} from the modality")
+    new_series_uid = _derived_uid(series_uid, f"level-{k}") if derived else series_uid
+    for i in range(n):
+        ds = copy.deepcopy(base)
+        for key, column in per_slice.items():
+            if key in _NOT_DICOM or i >= len(column) or column[i] is None:
+                continue
+            try:
+                tag = _tag(key)
+            except KeyError:
+                continue
+            value = column[i]
+            elem = {"vr": per_vr.get(key, "UN")}
+            if isinstance(value, str) and elem["vr"] in ("OB", "OW", "OD", "OF", "OL", "OV", "UN"):
+                if value.startswith(_OMITTED):
+                    continue
+                elem["InlineBinary"] = value
+            else:
+                elem["Value"] = value if isinstance(value, list) else [value]
+            ds.update(Dataset.from_json({tag: elem}))
+        _set_geometry(ds, info, k, i, lead, positions, affine_lps)
+        plane = np.ascontiguousarray(slices[i])
+        _set_pixel_module(ds, plane, meta)
+        if derived:  # low-pass samples may overshoot the source's BitsStored range
+            ds.BitsStored, ds.HighBit = ds.BitsAllocated, ds.BitsAllocated - 1
+        sop_uid = str(ds.get("SOPInstanceUID", "")) or _derived_uid(series_uid, f"instance-{i}")
+        if split_instances:
+            sop_uid = _derived_uid(sop_uid, f"slice-{i}")
+            ds.InstanceNumber = i + 1
+        if derived:
+            sop_uid = _derived_uid(sop_uid, f"level-{k}")
+            ds.ImageType = ["DERIVED", "SECONDARY"] + image_type[2:]
+            ds.DerivationDescription = (
+                f"mist-zarr level {k}: HTJ2K resolution {k} (5/3 wavelet low-pass), "
+                f"{2**k}x fewer samples in rows and columns, origin unchanged")[:1024]
+            for keyword in ("LargestImagePixelValue", "SmallestImagePixelValue"):
+                if keyword in ds:
+                    del ds[keyword]
+        elif image_type:
+            ds.ImageType = image_type
+        ds.SOPInstanceUID = sop_uid
+        ds.SeriesInstanceUID = new_series_uid
+        if sop_class in _CLASSIC:
+            ds.SOPClassUID = _CLASSIC[sop_class]
+        if "NumberOfFrames" in ds:
+            del ds["NumberOfFrames"]
+        # pixel data: the stored chunk as is at level 0, else encode the level
+        if uncompressed or colour and not whole_plane:
+            syntax, pixel = EXPLICIT_LE, plane.astype(plane.dtype.newbyteorder("<")).tobytes()
+        else:
+            stream = None
+            if not derived and whole_plane and n == physical_slices:
+                coords = np.unravel_index(i, lead) if lead else ()
+                key = f"{image.store_path.path}/" + image.metadata.encode_chunk_key(
+                    tuple(int(c) for c in coords) + (0,) * (len(info.grid) - len(lead)))
+                buf = _get(image.store_path.store, key)
+                stream = None if buf is None else buf
+            if stream is None:
+                stream = imagecodecs.htj2k_encode(plane, **encode_kwargs(
+                    max(1, num_levels(plane.shape[:2], info.alpha))))
+            syntax = htj2k_transfer_syntax(stream)
+            cs = parse_codestream(stream)
+            ds.BitsStored, ds.HighBit = cs.bit_depth, cs.bit_depth - 1
+            if colour:
+                ds.PhotometricInterpretation = "YBR_RCT" if _uses_rct(stream) else "RGB"
+            pixel = encapsulate([stream])
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.PixelData = pixel
+        if syntax != EXPLICIT_LE:
+            ds["PixelData"].VR = "OB"
+            ds["PixelData"].is_undefined_length = True
+            ds.LossyImageCompression = ds.get("LossyImageCompression", "00") or "00"
+        name = _file_name(i, lead, info.dims)
+        path = out / name
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        files.append(str(path))
+    if positions is None and derived:
+        notes.append("no patient geometry in the source: positions were not invented")
+    return ExportResult("dicom", k, files, notes)
+
+
+def _get(store: Any, key: str) -> bytes | None:
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buf = sync(store.get(key, default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def _uses_rct(stream: bytes) -> bool:
+    """True if the codestream applies the reversible colour transform (COD SGcod MCT)."""
+    pos = 2
+    while pos + 4 <= len(stream):
+        marker = int.from_bytes(stream[pos:pos + 2], "big")
+        length = int.from_bytes(stream[pos + 2:pos + 4], "big")
+        if marker == 0xFF52:
+            return stream[pos + 4 + 5] == 1
+        if marker == 0xFF90:
+            break
+        pos += 2 + length
+    return False
+
+
+def _file_name(i: int, lead: tuple[int, ...], dims: tuple[str, ...]) -> str:
+    if not lead:
+        return "IM0.dcm"
+    idx = np.unravel_index(i, lead)
+    return "_".join(f"{d}{int(j):0{len(str(n - 1))}d}" for d, j, n in zip(dims, idx, lead)) + ".dcm"
+
+
+def _set_geometry(ds, info: ImageInfo, k: int, i: int, lead, positions, affine_lps) -> None:
+    spacing = info.level_spacing(k)
+    iy, ix = info.dims.index("y"), info.dims.index("x")
+    has_geometry = positions is not None and positions[i] is not None
+    if "PixelSpacing" in ds or has_geometry:
+        ds.PixelSpacing = [_ds(spacing[iy]), _ds(spacing[ix])]
+    for keyword in ("ImagerPixelSpacing", "NominalScannedPixelSpacing"):
+        if keyword in ds and k:
+            row, col = (float(v) for v in ds[keyword].value)
+            ds[keyword].value = [_ds(row * 2**k), _ds(col * 2**k)]
+    if not has_geometry:
+        return
+    ds.ImagePositionPatient = [_ds(v) for v in positions[i]]  # origin unchanged at every level
+    if "ImageOrientationPatient" not in ds:
+        row = affine_lps[:3, 0] / np.linalg.norm(affine_lps[:3, 0])
+        col = affine_lps[:3, 1] / np.linalg.norm(affine_lps[:3, 1])
+        ds.ImageOrientationPatient = [_ds(v) for v in np.concatenate([row, col])]
+
+
+def _ds(value: float) -> str:
+    """A decimal string of at most 16 characters that keeps as much precision as fits."""
+    for digits in range(15, 5, -1):
+        text = f"{value:.{digits}g}"
+        if len(text) <= 16:
+            return text
+    return f"{value:.6g}"
+
+
+def _set_pixel_module(ds, plane: np.ndarray, meta: dict[str, Any]) -> None:
+    ds.Rows, ds.Columns = int(plane.shape[0]), int(plane.shape[1])
+    colour = plane.ndim == 3
+    ds.SamplesPerPixel = plane.shape[2] if colour else 1
+    if colour:
+        ds.PhotometricInterpretation = "RGB"
+        ds.PlanarConfiguration = 0
+    else:
+        ds.PhotometricInterpretation = meta.get("photometric") or "MONOCHROME2"
+        if "PlanarConfiguration" in ds:
+            del ds["PlanarConfiguration"]
+    for keyword in ("PaletteColorLookupTableUID", "RedPaletteColorLookupTableDescriptor",
+                    "GreenPaletteColorLookupTableDescriptor",
+                    "BluePaletteColorLookupTableDescriptor", "RedPaletteColorLookupTableData",
+                    "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableData"):
+        if keyword in ds:
+            del ds[keyword]
+    bits = plane.dtype.itemsize * 8
+    ds.BitsAllocated = bits
+    stored = int(ds.get("BitsStored", bits) or bits)
+    ds.BitsStored = min(stored, bits)
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if plane.dtype.kind == "i" else 0
