@@ -10,7 +10,7 @@ _imagecodecs_zarr.register_codecs(["htj2k"], verbose=False)
 
 from .codestream import CodestreamError, parse_codestream, prefix_lengths  # noqa: E402
 from .format import FORMAT_VERSION, ImageInfo, IncompleteImageError  # noqa: E402
-from .reader import open_image, read_checksums, read_image, read_index  # noqa: E402
+from .reader import ChecksumError, open_image, read_checksums, read_image, read_index  # noqa: E402
 from .values import LossyInputError, ValueMapping  # noqa: E402
 from .writer import write_image  # noqa: E402
 from .store import MultiscaleStore, PrefixError  # noqa: E402
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "ChecksumError",
     "CodestreamError",
     "ConvertReport",
     "ImageInfo",

@@ -31,6 +31,7 @@ __all__ = ["ConvertReport", "DEFAULT_MAX_BYTES", "Problem", "SeriesResult", "con
 
 DEFAULT_MAX_BYTES = 8 << 30  # refuse images whose header declares more than 8 GiB
 DATASET_ATTR = "mist_dataset"
+TMP_DIR = ".mist-tmp"  # images being written; renamed into place when complete
 
 
 @dataclass
@@ -303,16 +304,72 @@ def _write_one(root: zarr.Group, name: str, image: SourceImage, *, overwrite: bo
     parent = name.rsplit("/", 1)[0] if "/" in name else ""
     if parent:
         root.require_group(parent)
-    info = write_image(
-        StorePath(root.store_path.store, f"{root.store_path.path}/{name}".strip("/")),
-        image.data, dims=image.dims, spacing=image.spacing, affine=image.affine,
-        source_format=image.source_format, metadata=image.write_metadata(), alpha=alpha,
-        quantize=quantize, threads=threads, overwrite=True,
-    )
+    kwargs = dict(dims=image.dims, spacing=image.spacing, affine=image.affine,
+                  source_format=image.source_format, metadata=image.write_metadata(),
+                  alpha=alpha, quantize=quantize, threads=threads)
+    local = _local_root(root)
+    if local is not None:
+        info = _write_and_rename(local, name, image.data, kwargs, replace=overwrite)
+    else:
+        # object stores have no rename: the image's "complete" flag, written
+        # last, is what makes it visible to readers
+        info = write_image(
+            StorePath(root.store_path.store, f"{root.store_path.path}/{name}".strip("/")),
+            image.data, overwrite=True, **kwargs)
     out = int(zarr.open_array(root.store_path.store, path=f"{root.store_path.path}/{name}/index"
                               .strip("/"), mode="r")[..., 0].sum())
     return SeriesResult(name, image.source_format, info.shape, info.dtype.name, bytes_in, out,
                         len(image.source_files), warnings=list(image.warnings))
+
+
+def _local_root(root: zarr.Group) -> Path | None:
+    from zarr.storage import LocalStore
+
+    store = root.store_path.store
+    if isinstance(store, LocalStore):
+        return Path(store.root) / root.store_path.path
+    return None
+
+
+def _write_and_rename(root: Path, name: str, data: Any, kwargs: dict[str, Any],
+                      *, replace: bool) -> ImageInfo:
+    """Write into a private folder of the dataset, then rename it into place.
+
+    Readers see the previous complete image or the new complete one, never a
+    partial one; of two concurrent writers of the same image, the second
+    finds it in place and, unless ``replace``, reports it as already there.
+    """
+    import shutil
+    import uuid
+
+    scratch = root / TMP_DIR / uuid.uuid4().hex
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    target = root / name
+    try:
+        info = write_image(scratch, data, **kwargs)
+        try:
+            os.rename(scratch, target)
+        except OSError:  # the target exists (a complete image, or an older partial one)
+            if not target.exists():
+                raise
+            existing = ImageInfo.from_json(
+                json.loads((target / "zarr.json").read_text())["attributes"][ATTR], where=name
+            ) if (target / "zarr.json").exists() else None
+            if existing is not None and existing.complete and not replace:
+                raise ConversionError("already converted (by a concurrent conversion); pass "
+                                      "overwrite to replace it") from None
+            retired = root / TMP_DIR / f"old-{uuid.uuid4().hex}"
+            os.rename(target, retired)
+            os.rename(scratch, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        return info
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
+        try:  # leave no empty scratch folder behind (zarr would warn about it)
+            scratch.parent.rmdir()
+        except OSError:
+            pass
 
 
 def list_images(dest: Any, *, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import google_crc32c
 import imagecodecs
 import numpy as np
 import zarr
@@ -14,7 +15,7 @@ from zarr.abc.store import _store_supports_sync_io
 
 from .format import ATTR, CHECKSUM, IMAGE, INDEX, ImageInfo, IncompleteImageError
 
-__all__ = ["open_image", "read_checksums", "read_image", "read_index"]
+__all__ = ["ChecksumError", "open_image", "read_checksums", "read_image", "read_index"]
 
 
 def open_image(
@@ -42,18 +43,47 @@ def open_image(
     return group, info
 
 
-def read_image(source: Any, *, threads: int | None = None, **kwargs: Any) -> np.ndarray:
-    """Full-resolution samples in the caller's original dtype, bit-exact."""
+class ChecksumError(ValueError):
+    """Decoded samples differ from the checksum written with them: the chunk is
+    damaged, or the image was replaced while it was being read."""
+
+
+def read_image(source: Any, *, threads: int | None = None, verify: bool = True,
+               **kwargs: Any) -> np.ndarray:
+    """Full-resolution samples in the caller's original dtype, bit-exact.
+
+    With ``verify`` (the default) every chunk is checked against the CRC32C
+    recorded at write time, so a damaged chunk, or a read that straddles a
+    replacement of the image, raises :class:`ChecksumError` instead of
+    returning wrong samples. It costs about 3 % of the decode time.
+    """
     group, info = open_image(source, **kwargs)
     image = group[IMAGE]
+    crcs = group[CHECKSUM][...] if verify else None
     if _store_supports_sync_io(image.store_path.store):
-        stored = _read_direct(image, info, threads)
+        stored = _read_direct(image, info, threads, crcs)
     else:
         stored = image[...]
+        if crcs is not None:
+            padded = np.zeros(tuple(g * c for g, c in zip(info.grid, info.chunks)), stored.dtype)
+            padded[tuple(slice(0, n) for n in stored.shape)] = stored
+            for coords in np.ndindex(*info.grid):
+                sel = tuple(slice(c * n, (c + 1) * n) for c, n in zip(coords, info.chunks))
+                _check(np.ascontiguousarray(padded[sel]), crcs[coords], coords)
     return info.values.decode(stored)
 
 
-def _read_direct(image: zarr.Array, info: ImageInfo, threads: int | None) -> np.ndarray:
+def _check(chunk: np.ndarray, expected: int, coords: tuple[int, ...]) -> None:
+    got = google_crc32c.value(chunk.astype(chunk.dtype.newbyteorder("<"), copy=False))
+    if got != int(expected):
+        raise ChecksumError(
+            f"chunk {coords}: decoded samples do not match the checksum written with them "
+            "(the chunk is damaged, or the image was replaced during this read)"
+        )
+
+
+def _read_direct(image: zarr.Array, info: ImageInfo, threads: int | None,
+                 crcs: np.ndarray | None) -> np.ndarray:
     """Read and decode chunks on a thread pool straight into the output array.
 
     Same result as ``image[...]`` (a test holds them equal); it skips zarr's
@@ -61,16 +91,21 @@ def _read_direct(image: zarr.Array, info: ImageInfo, threads: int | None) -> np.
     """
     store, base = image.store_path.store, image.store_path.path
     out = np.zeros(info.shape, info.stored_dtype)
+    zeros = np.zeros(info.chunks, info.stored_dtype) if crcs is not None else None
 
     def load(coords: tuple[int, ...]) -> None:
         key = f"{base}/{image.metadata.encode_chunk_key(coords)}"
         buf = store.get_sync(key)
-        if buf is None:
-            return  # not written: fill value 0
+        if buf is None:  # not written: fill value 0
+            if zeros is not None:
+                _check(zeros, crcs[coords], coords)
+            return
         try:
             decoded = imagecodecs.htj2k_decode(buf.as_numpy_array()).reshape(info.chunks)
         except Exception as exc:
             raise ValueError(f"chunk {key!r} does not decode to {info.chunks}: {exc}") from exc
+        if crcs is not None:
+            _check(decoded, crcs[coords], coords)
         target = out[tuple(slice(c * n, (c + 1) * n) for c, n in zip(coords, info.chunks))]
         target[...] = decoded[tuple(slice(0, n) for n in target.shape)]  # edge chunks
 

@@ -108,3 +108,12 @@ def test_cli_verify_exit_codes(image):
     bad = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "verify", str(image)],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "image/c/0/0/0" in bad.stdout
+
+
+def test_read_image_refuses_a_damaged_chunk(image):
+    data = bytearray(chunk(image, 2).read_bytes())
+    data[len(data) // 2] ^= 0x40
+    chunk(image, 2).write_bytes(bytes(data))
+    with pytest.raises(mist_zarr.ChecksumError, match=r"chunk \(2, 0, 0\)"):
+        mist_zarr.read_image(image)
+    assert mist_zarr.read_image(image, verify=False).shape == (6, 300, 260)
