@@ -38,3 +38,54 @@ def test_full_resolution_over_http_is_bit_exact(tmp_path):
         np.testing.assert_array_equal(mist_zarr.open(f"{server.url}/a.zarr").values, a)
         attrs = zarr.open_group(f"{server.url}/a.zarr", mode="r").attrs["mist"]
         assert attrs["shape"] == [2, 300, 200] and attrs["complete"] is True
+
+
+def test_bounded_loopback_load_with_hostile_requests(tmp_path):
+    """400 requests from 16 clients, a third of them hostile: right answers, server stays up."""
+    import http.client
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.random.default_rng(13).integers(0, 4000, (4, 200, 200), dtype=np.uint16)
+    mist_zarr.write_image(tmp_path / "a.zarr", a)
+    chunk = (tmp_path / "a.zarr" / "image" / "c" / "1" / "0" / "0").read_bytes()
+    (tmp_path.parent / "secret.txt").write_text("outside the root")
+
+    def one(i):
+        rnd = random.Random(i)
+        kind = rnd.choice(["range", "full", "bad-range", "multi", "traversal", "huge"])
+        path, headers = "/a.zarr/image/c/1/0/0", {}
+        if kind == "range":
+            start = rnd.randrange(len(chunk))
+            headers["Range"] = f"bytes={start}-{start + rnd.randrange(5000)}"
+        elif kind == "bad-range":
+            headers["Range"] = rnd.choice(["bytes=x-1", "bytes=9-3", "bits=0-1", "bytes=--"])
+        elif kind == "multi":
+            headers["Range"] = "bytes=0-1,5-9,20-30"
+        elif kind == "huge":
+            headers["Range"] = f"bytes={10**15}-{10**16}"
+        elif kind == "traversal":
+            path = rnd.choice(["/../secret.txt", "/%2e%2e/secret.txt", "/a.zarr/../../secret.txt"])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        return kind, resp.status, body, headers.get("Range")
+
+    with serve_in_thread(tmp_path) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, range(400)))
+        for kind, status, body, rng in results:
+            assert b"outside the root" not in body
+            if kind == "traversal":
+                assert status in (403, 404)
+            elif kind == "huge":
+                assert status == 416
+            elif kind == "range":
+                start, end = (int(v) for v in rng[6:].split("-"))
+                assert status == 206 and body == chunk[start : end + 1]
+            else:  # full, malformed or multi-range: the whole object
+                assert status == 200 and body == chunk
+        np.testing.assert_array_equal(mist_zarr.open(f"{server.url}/a.zarr").values, a)

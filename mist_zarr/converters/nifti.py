@@ -83,8 +83,19 @@ def read_nifti(path: str | Path, *, max_bytes: int | None = None) -> SourceImage
     """Read a NIfTI file's *stored* voxels (``scl_*`` kept as metadata, not applied).
 
     The array ``(x, y, z[, t])`` becomes ``([t,] z, y, x)``; the file's best
-    affine (sform, else qform) is the image affine, unchanged.
+    affine (sform, else qform) is the image affine, unchanged. Raises
+    :class:`ConversionError` naming the file for anything unreadable or invalid.
     """
+    try:
+        return _read_nifti(path, max_bytes)
+    except ConversionError:
+        raise
+    except Exception as exc:  # nibabel raises many types for invalid header fields
+        raise ConversionError(f"{path}: invalid NIfTI header or data: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+
+def _read_nifti(path: str | Path, max_bytes: int | None) -> SourceImage:
     try:
         import nibabel as nib
     except ImportError as exc:  # pragma: no cover - nibabel is a core dependency
