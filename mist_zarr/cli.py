@@ -74,7 +74,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     report = convert(args.src, args.dest, overwrite=args.overwrite,
                      skip_existing=args.skip_existing, alpha=args.alpha, quantize=args.quantize,
-                     threads=args.threads, progress=not args.quiet)
+                     threads=args.threads, workers=args.workers, scheduler=args.scheduler,
+                     progress=not args.quiet)
     print(report.summary())
     if args.report:
         Path(args.report).write_text(dumps(report.to_json()) + "\n")
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert DICOM / NIfTI / PNG / JPEG / TIFF into a dataset root")
     p.add_argument("src", nargs="+", help="files or folders (searched recursively)")
-    p.add_argument("dest", help="dataset root (created if missing)")
+    p.add_argument("dest", help="dataset root, a path or URL (created if missing)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="replace images already converted")
     group.add_argument("--skip-existing", action="store_true",
@@ -145,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smallest level edge: levels = ceil(log2(min(Y, X) / alpha)) (default: %(default)s)")
     p.add_argument("--quantize", metavar="DTYPE",
                    help="store non-integral float data quantised to this integer dtype (lossy, recorded)")
-    p.add_argument("--threads", type=int, help="encoder threads (default: all cores)")
+    p.add_argument("--threads", type=int,
+                   help="encoder threads per image (default: all cores; 1 with --workers)")
+    p.add_argument("--workers", type=int,
+                   help="convert series in parallel on a local dask cluster of N processes")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="use an existing dask.distributed scheduler (e.g. tcp://host:8786)")
     p.add_argument("--report", metavar="FILE", help="also write the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)

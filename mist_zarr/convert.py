@@ -26,12 +26,13 @@ from .converters.base import ConversionError, SourceImage
 from .format import ATTR, FORMAT_VERSION, ImageInfo
 from .writer import write_image
 
-__all__ = ["ConvertReport", "DEFAULT_MAX_BYTES", "Problem", "SeriesResult", "convert",
-           "list_images"]
+__all__ = ["ConvertReport", "DEFAULT_MAX_BYTES", "Problem", "SeriesResult", "Unit", "convert",
+           "iter_sources", "list_images", "plan", "run_unit"]
 
 DEFAULT_MAX_BYTES = 8 << 30  # refuse images whose header declares more than 8 GiB
 DATASET_ATTR = "mist_dataset"
 TMP_DIR = ".mist-tmp"  # images being written; renamed into place when complete
+DONE_DIR = ".mist-done"  # one marker per converted source unit, written last
 
 
 @dataclass
@@ -154,38 +155,19 @@ def _hash8(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def _file_sources(files: list[Path], src: Path, max_bytes: int,
-                  problems: list[Problem]) -> Iterator[SourceImage]:
+def _unique(name: str, taken: set[str], key: str) -> str:
+    candidate = name if name not in taken else f"{name}-{_hash8(key)}"
+    taken.add(candidate)
+    return candidate
+
+
+def _read_file(path: Path, max_bytes: int) -> SourceImage:
     from .converters.image import read_image_file
     from .converters.nifti import read_nifti
 
-    for path in files:
-        fmt = _sniff(path)
-        try:
-            image = read_nifti(path, max_bytes=max_bytes) if fmt == "nifti" else \
-                read_image_file(path, max_bytes=max_bytes)
-        except ConversionError as exc:
-            problems.append(Problem(str(path), str(exc)))
-            continue
-        rel = path.relative_to(src) if src.is_dir() else Path(path.name)
-        stem = str(rel.parent / image.name) if str(rel.parent) != "." else image.name
-        image.name = stem
-        yield image
-
-
-def _dicom_sources(files: list[Path], max_bytes: int,
-                   problems: list[Problem]) -> Iterator[SourceImage]:
-    from .converters import dicom
-
-    yield from dicom.dicom_sources(files, max_bytes=max_bytes, problems=problems)
-
-
-def _unique(name: str, taken: set[str], key: str) -> str:
-    candidate = name
-    if candidate in taken:
-        candidate = f"{name}-{_hash8(key)}"
-    taken.add(candidate)
-    return candidate
+    if _sniff(path) == "nifti":
+        return read_nifti(path, max_bytes=max_bytes)
+    return read_image_file(path, max_bytes=max_bytes)
 
 
 def _existing(root: zarr.Group, path: str) -> ImageInfo | None:
@@ -197,6 +179,85 @@ def _existing(root: zarr.Group, path: str) -> ImageInfo | None:
     if attrs is None:
         raise ConversionError(f"{path}: exists in the dataset and is not a mist-zarr image")
     return ImageInfo.from_json(attrs, where=path)
+
+
+@dataclass
+class Unit:
+    """One piece of conversion work: a non-DICOM file, or one DICOM series.
+
+    ``key`` identifies the source (stable across runs); ``name`` is the image
+    path under the dataset root for files (DICOM names come from the headers).
+    """
+
+    kind: str  # "file" or "dicom"
+    key: str
+    files: list[str]
+    name: str = ""
+    ref: Any = None
+
+
+def plan(
+    src: str | os.PathLike | Iterable[str | os.PathLike],
+    *,
+    exclude: Path | None = None,
+) -> tuple[list[Unit], list[Problem]]:
+    """Find the work under ``src``: one :class:`Unit` per file or DICOM series.
+
+    Reads DICOM headers only. Files that are not images, and DICOM files that
+    cannot be read, are returned as problems.
+    """
+    sources = [Path(src)] if isinstance(src, (str, os.PathLike)) else [Path(s) for s in src]
+    units: list[Unit] = []
+    problems: list[Problem] = []
+    dicom_files: list[Path] = []
+    taken: set[str] = set()
+    for base in sources:
+        for path in _walk(base, exclude):
+            kind = _sniff(path)
+            if kind is None:
+                problems.append(Problem(str(path), "not a DICOM, NIfTI, PNG, JPEG or TIFF file",
+                                        kind="skipped"))
+            elif kind.startswith("dicom"):
+                dicom_files.append(path)
+            else:
+                rel = path.relative_to(base) if base.is_dir() else Path(path.name)
+                stem = _file_stem(rel)
+                name = _unique(stem, taken, str(path.resolve()))
+                units.append(Unit("file", str(path.resolve()), [str(path)], name=name))
+    if dicom_files:
+        from .converters.dicom import scan_dicom
+
+        scan = scan_dicom(dicom_files)
+        problems += [Problem(i.path, i.reason, kind="failed") for i in scan.rejected]
+        problems += [Problem(i.path, i.reason, kind="skipped") for i in scan.skipped]
+        for ref in scan.series:
+            units.append(Unit("dicom", ref.key or ref.uid, list(ref.files), ref=ref))
+    return units, problems
+
+
+def _file_stem(rel: Path) -> str:
+    from .converters.base import safe_name
+
+    name = rel.name
+    for suffix in (".nii.gz", ".nii", ".png", ".jpeg", ".jpg", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = rel.stem
+    parts = [safe_name(p) for p in rel.parent.parts] + [safe_name(name)]
+    return "/".join(parts)
+
+
+def _read_unit(unit: Unit, max_bytes: int) -> list[SourceImage]:
+    """Read a unit's images; raises ConversionError (or DicomError) naming it."""
+    if unit.kind == "file":
+        image = _read_file(Path(unit.files[0]), max_bytes)
+        image.name = unit.name
+        return [image]
+    from .converters.dicom import read_dicom_series
+
+    return [v.to_source_image() for v in read_dicom_series(unit.ref, max_bytes=max_bytes)]
 
 
 def iter_sources(
@@ -211,31 +272,88 @@ def iter_sources(
     Files that are not images, and sources that cannot be read, are appended
     to ``problems`` with the reason.
     """
-    sources = [Path(src)] if isinstance(src, (str, os.PathLike)) else [Path(s) for s in src]
-    files: list[tuple[Path, Path]] = []
-    dicom_files: list[Path] = []
-    for base in sources:
-        for path in _walk(base, exclude):
-            kind = _sniff(path)
-            if kind is None:
-                problems.append(Problem(str(path), "not a DICOM, NIfTI, PNG, JPEG or TIFF file",
-                                        kind="skipped"))
-            elif kind.startswith("dicom"):
-                dicom_files.append(path)
+    units, found = plan(src, exclude=exclude)
+    problems += found
+    for unit in units:
+        try:
+            yield from _read_unit(unit, max_bytes)
+        except ValueError as exc:
+            problems.append(Problem(_label(unit), str(exc)))
+
+
+def _label(unit: Unit) -> str:
+    files = unit.files
+    return files[0] if len(files) == 1 else f"{unit.key} ({len(files)} files, e.g. {files[0]})"
+
+
+@dataclass
+class _Options:
+    overwrite: bool
+    skip_existing: bool
+    alpha: int
+    quantize: str | None
+    max_bytes: int
+    threads: int | None
+    run: str
+    storage_options: dict[str, Any] | None
+
+
+def _marker_key(unit: Unit) -> str:
+    return f"{DONE_DIR}/{hashlib.sha1(unit.key.encode()).hexdigest()}.json"
+
+
+def run_unit(unit: Unit, dest: Any, options: _Options) -> tuple[list[SeriesResult], list[Problem]]:
+    """Convert one unit into the dataset ``dest`` (runs in-process or on a dask worker).
+
+    Writes the unit's completion marker last, so an interrupted unit is
+    redone by a rerun with ``skip_existing`` and a finished one is skipped
+    without reading its sources again.
+    """
+    root = zarr.open_group(dest, mode="a", zarr_format=3, storage_options=options.storage_options)
+    store = root.store_path.store
+    marker = f"{root.store_path.path}/{_marker_key(unit)}".strip("/")
+    if options.skip_existing:
+        done = _read_json(store, marker)
+        if done is not None:
+            results = []
+            for name in done["images"]:
+                info = _existing(root, name)
+                if info is None or not info.complete:
+                    break
+                results.append(SeriesResult(name, info.source_format, info.shape, info.dtype.name,
+                                            0, 0, len(unit.files), status="existing"))
             else:
-                files.append((base, path))
-    taken: set[str] = set()
+                return results, []
+    try:
+        images = _read_unit(unit, options.max_bytes)
+    except (ValueError, OSError) as exc:
+        return [], [Problem(_label(unit), str(exc))]
+    results, problems = [], []
+    for image in images:
+        image.metadata["source_key"] = unit.key
+        try:
+            results.append(_write_one(root, image.name, image, options))
+        except (ValueError, TypeError, OSError) as exc:
+            problems.append(Problem(_label(unit), f"{image.name}: {exc}"))
+    if not problems:
+        _write_json(store, marker, {"key": unit.key, "images": [r.path for r in results],
+                                    "files": len(unit.files), "run": options.run})
+    return results, problems
 
-    def named(images: Iterable[SourceImage]) -> Iterator[SourceImage]:
-        for image in images:
-            image.name = _unique(image.name, taken, "|".join(image.source_files))
-            yield image
 
-    for base in sources:
-        yield from named(_file_sources([p for b, p in files if b == base], base, max_bytes,
-                                       problems))
-    if dicom_files:
-        yield from named(_dicom_sources(dicom_files, max_bytes, problems))
+def _read_json(store: Any, key: str) -> dict[str, Any] | None:
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buf = sync(store.get(key, default_buffer_prototype()))
+    return None if buf is None else json.loads(buf.to_bytes())
+
+
+def _write_json(store: Any, key: str, doc: dict[str, Any]) -> None:
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(json.dumps(doc).encode())))
 
 
 def convert(
@@ -248,68 +366,136 @@ def convert(
     quantize: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     threads: int | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
     progress: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> ConvertReport:
     """Convert a file, folder or tree (or a list of them) into the dataset root ``dest``.
 
-    Returns a :class:`ConvertReport`; never raises for a bad source file or
-    series (it is reported), only for unusable arguments or an unwritable
-    ``dest``.
+    ``dest`` is a path or URL (``file://``, ``s3://``, ``memory://`` ... via
+    fsspec). With ``workers`` the series are converted in parallel on a
+    dask.distributed ``LocalCluster`` of that many single-threaded worker
+    processes; ``scheduler`` uses an existing cluster instead. Returns a
+    :class:`ConvertReport`; never raises for a bad source file or series (it
+    is reported), only for unusable arguments or an unwritable ``dest``.
     """
+    import uuid
+
     if overwrite and skip_existing:
         raise ValueError("choose overwrite or skip_existing, not both")
     t0 = time.perf_counter()
-    sources = [Path(src)] if isinstance(src, (str, os.PathLike)) else [Path(s) for s in src]
     exclude = Path(dest).resolve() if isinstance(dest, (str, os.PathLike)) and \
         "://" not in str(dest) else None
+    dest = str(dest) if isinstance(dest, os.PathLike) else dest
     report = ConvertReport(dest=str(dest))
     root = zarr.open_group(dest, mode="a", zarr_format=3, storage_options=storage_options)
     if DATASET_ATTR not in root.attrs:
         root.attrs[DATASET_ATTR] = {"format": "mist-zarr-dataset", "format_version": FORMAT_VERSION}
+    local = _local_root(root)
+    if local is not None:
+        _clean_scratch(local)
+    units, problems = plan(src, exclude=exclude)
+    report.problems += problems
+    options = _Options(overwrite, skip_existing, alpha, quantize, max_bytes,
+                       threads if not (workers or scheduler) else (threads or 1),
+                       uuid.uuid4().hex, storage_options)
 
     from tqdm.auto import tqdm
 
-    problems = report.problems
-    sources_iter = iter_sources(sources, problems=problems, max_bytes=max_bytes, exclude=exclude)
-    bar = tqdm(unit="file", desc="convert", disable=not progress, leave=False)
-    for image in sources_iter:
-        name = image.name
-        try:
-            result = _write_one(root, name, image, overwrite=overwrite,
-                                skip_existing=skip_existing, alpha=alpha, quantize=quantize,
-                                threads=threads)
-            report.converted.append(result)
-        except (ValueError, TypeError, OSError) as exc:
-            report.problems.append(Problem(", ".join(image.source_files[:3]) +
-                                           (" …" if len(image.source_files) > 3 else ""),
-                                           f"{name}: {exc}"))
-        bar.update(len(image.source_files))
+    bar = tqdm(total=sum(len(u.files) for u in units), unit="file", desc="convert",
+               disable=not progress, leave=False)
+
+    def collect(unit: Unit, outcome: tuple[list[SeriesResult], list[Problem]]) -> None:
+        results, unit_problems = outcome
+        report.converted += results
+        report.problems += unit_problems
+        bar.update(len(unit.files))
+        bar.set_postfix_str(f"{len(report.converted)} images, "
+                            f"{report.bytes_in / 1e6:.0f} MB -> {report.bytes_out / 1e6:.0f} MB")
+
+    if workers or scheduler:
+        _run_distributed(units, dest, options, workers, scheduler, collect, report)
+    else:
+        for unit in units:
+            collect(unit, run_unit(unit, dest, options))
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _write_one(root: zarr.Group, name: str, image: SourceImage, *, overwrite: bool,
-               skip_existing: bool, alpha: int, quantize: str | None,
-               threads: int | None) -> SeriesResult:
+def _run_distributed(units, dest, options, workers, scheduler, collect, report) -> None:
+    """Units as tasks on dask.distributed; a lost worker's tasks are retried elsewhere."""
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    try:
+        futures = {client.submit(run_unit, unit, dest, options, key=f"mist-unit-{i}",
+                                 pure=False): unit for i, unit in enumerate(units)}
+        for future in as_completed(futures):
+            unit = futures[future]
+            try:
+                collect(unit, future.result())
+            except Exception as exc:  # the task itself failed (e.g. worker killed too often)
+                collect(unit, ([], [Problem(_label(unit), f"task failed: {exc!r}")]))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _clean_scratch(root: Path) -> None:
+    """Remove scratch folders of conversions whose process is gone (killed, crashed)."""
+    import shutil
+
+    scratch = root / TMP_DIR
+    if not scratch.is_dir():
+        return
+    for entry in scratch.iterdir():
+        pid = entry.name.split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_one(root: zarr.Group, name: str, image: SourceImage, options: _Options) -> SeriesResult:
     bytes_in = sum(os.path.getsize(f) for f in image.source_files if os.path.exists(f))
     existing = _existing(root, name)
-    if existing is not None and existing.complete and skip_existing:
-        return SeriesResult(name, existing.source_format, existing.shape, existing.dtype.name,
-                            bytes_in, 0, len(image.source_files), status="existing")
-    if existing is not None and existing.complete and not overwrite:
-        raise ConversionError("already converted; pass overwrite (--overwrite) to replace it "
-                              "or skip_existing (--skip-existing) to keep it")
+    if existing is not None and existing.complete:
+        same_run = existing.metadata.get("convert_run") == options.run
+        if options.skip_existing or same_run:  # same_run: a retried task after a lost worker
+            return SeriesResult(name, existing.source_format, existing.shape,
+                                existing.dtype.name, bytes_in, 0, len(image.source_files),
+                                status="existing")
+        if not options.overwrite:
+            raise ConversionError("already converted; pass overwrite (--overwrite) to replace "
+                                  "it or skip_existing (--skip-existing) to keep it")
     parent = name.rsplit("/", 1)[0] if "/" in name else ""
     if parent:
         root.require_group(parent)
+    metadata = image.write_metadata()
+    metadata["convert_run"] = options.run
     kwargs = dict(dims=image.dims, spacing=image.spacing, affine=image.affine,
-                  source_format=image.source_format, metadata=image.write_metadata(),
-                  alpha=alpha, quantize=quantize, threads=threads)
+                  source_format=image.source_format, metadata=metadata,
+                  alpha=options.alpha, quantize=options.quantize, threads=options.threads)
     local = _local_root(root)
     if local is not None:
-        info = _write_and_rename(local, name, image.data, kwargs, replace=overwrite)
+        info = _write_and_rename(local, name, image.data, kwargs, replace=options.overwrite)
     else:
         # object stores have no rename: the image's "complete" flag, written
         # last, is what makes it visible to readers
@@ -342,7 +528,7 @@ def _write_and_rename(root: Path, name: str, data: Any, kwargs: dict[str, Any],
     import shutil
     import uuid
 
-    scratch = root / TMP_DIR / uuid.uuid4().hex
+    scratch = root / TMP_DIR / f"{os.getpid()}-{uuid.uuid4().hex}"
     scratch.parent.mkdir(parents=True, exist_ok=True)
     target = root / name
     try:
@@ -358,7 +544,7 @@ def _write_and_rename(root: Path, name: str, data: Any, kwargs: dict[str, Any],
             if existing is not None and existing.complete and not replace:
                 raise ConversionError("already converted (by a concurrent conversion); pass "
                                       "overwrite to replace it") from None
-            retired = root / TMP_DIR / f"old-{uuid.uuid4().hex}"
+            retired = root / TMP_DIR / f"{os.getpid()}-old-{uuid.uuid4().hex}"
             os.rename(target, retired)
             os.rename(scratch, target)
             shutil.rmtree(retired, ignore_errors=True)
@@ -374,9 +560,15 @@ def _write_and_rename(root: Path, name: str, data: Any, kwargs: dict[str, Any],
 
 def list_images(dest: Any, *, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per mist-zarr image under the dataset root ``dest`` (sorted by path)."""
+    import warnings
+
     root = zarr.open_group(dest, mode="r", zarr_format=3, storage_options=storage_options)
     rows = []
-    for path, node in root.members(max_depth=None):
+    with warnings.catch_warnings():
+        # the dataset's own bookkeeping folders (.mist-done, .mist-tmp) are not zarr nodes
+        warnings.filterwarnings("ignore", message=r"Object at \.mist-")
+        members = list(root.members(max_depth=None))
+    for path, node in members:
         if not isinstance(node, zarr.Group) or ATTR not in node.attrs:
             continue
         try:

@@ -226,18 +226,14 @@ def verify(path: str | os.PathLike, *, levels: bool = False, source: Any = None,
     if not images:
         report.findings.append(Finding(str(root), "zarr.json", "no mist-zarr image found here"))
         return report
-    workers = workers or min(len(images), os.cpu_count() or 1)
-    if workers <= 1 or len(images) == 1:
-        for image in images:
-            report.merge(_isolated(str(image), levels))
-    else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=_CONTEXT) as pool:
-            futures = {str(im): pool.submit(_verify_one, (str(im), levels)) for im in images}
-            for name, fut in futures.items():
-                try:
-                    report.merge(fut.result())
-                except BrokenProcessPool:
-                    report.merge(_isolated(name, levels))
+    workers = max(1, min(workers or os.cpu_count() or 1, len(images)))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_CONTEXT) as pool:
+        futures = {str(im): pool.submit(_verify_one, (str(im), levels)) for im in images}
+        for name, fut in futures.items():
+            try:
+                report.merge(fut.result())
+            except BrokenProcessPool:  # a crash takes the pool down: isolate what is left
+                report.merge(_isolated(name, levels))
     if source is not None:
         report.merge(_compare_sources(root, images, source))
     return report

@@ -101,7 +101,7 @@ def test_cli_convert_and_ls(tree, tmp_path):
     run = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "convert", str(tree / "a"),
                           str(dest), "-q", "--report", str(tmp_path / "r.json")],
                          capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 0, run.stdout + run.stderr
     assert "1 image(s) converted" in run.stdout and "ratio" in run.stdout
     assert json.loads((tmp_path / "r.json").read_text())["ok"] is True
     run = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "convert", str(tree), str(dest),

@@ -1,0 +1,217 @@
+"""A map-style dataset over a mist-zarr dataset root, for PyTorch / MONAI loaders.
+
+``MistDataset`` has ``__len__`` and ``__getitem__`` and nothing else that a
+``torch.utils.data.DataLoader`` or MONAI needs; it does not import torch.
+Each item is read at the resolution level chosen for that image (``scale``
+or ``size``), so only that level's bytes are read, locally or over HTTP.
+
+Pickling keeps the dataset root, the options and the selected catalog rows;
+every process opens its own stores lazily (a ``DataLoader`` with
+``num_workers > 0`` pickles the dataset into each worker).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .access import choose_level
+from .format import IMAGE
+from .layout import level_shape
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .store import MultiscaleStore
+
+__all__ = ["MistDataset"]
+
+_META = ("modality", "series_uid", "study_uid", "patient_id", "body_part", "series_description",
+         "source_format", "lossy_source")
+_OPEN_STORES = 64  # per process; each holds one image's prefix index
+
+
+def _root_string(dataset: Any) -> str:
+    if isinstance(dataset, os.PathLike) or (isinstance(dataset, str) and "://" not in dataset):
+        return os.path.abspath(os.fspath(dataset))
+    if isinstance(dataset, str):
+        return dataset.rstrip("/")
+    raise TypeError(
+        f"MistDataset needs a dataset root path or URL, found {type(dataset).__name__}")
+
+
+def _join(root: str, path: str) -> str:
+    if "://" in root:
+        return f"{root}/{path}" if path else root
+    return os.path.join(root, *path.split("/")) if path else root
+
+
+class MistDataset:
+    """Images of a mist-zarr dataset root, one item per image, at a chosen level.
+
+    ``dataset`` is a local path or a URL (``http(s)://``, ``s3://`` ... with
+    ``storage_options`` for fsspec). Images are listed from the dataset's
+    catalog (:func:`mist_zarr.catalog.catalog`: ``catalog.parquet``, or a scan
+    of a local / listable store). Incomplete images are left out.
+
+    ``scale=k`` reads every image at level k (``2**k`` times smaller in the
+    plane; every selected image must have at least k levels). ``size=n``
+    chooses a level per image, as :func:`mist_zarr.open` does: the smallest
+    whose shorter in-plane edge is still >= n, or with ``below`` the largest
+    whose edge is <= n. Neither: level 0.
+
+    ``filter`` selects images: a callable taking a catalog row (a pandas
+    Series) and returning a bool, or a :meth:`pandas.DataFrame.query` string
+    such as ``"modality == 'CT' and levels >= 2"``.
+
+    An item is a dict: ``image`` (numpy array of the level, in the dtype the
+    image was written with), ``affine`` (4x4 float64 level affine, index
+    ``(x, y, z)`` -> RAS+ mm), ``spacing`` (float64 array following the
+    image's dims), ``path``, ``level`` and ``meta`` (modality, series_uid,
+    study_uid, patient_id, body_part, series_description, source_format,
+    lossy_source, dims). ``transform`` is applied to that dict and its result
+    returned.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        scale: int | None = None,
+        size: int | None = None,
+        below: bool = False,
+        filter: str | Callable[[Any], bool] | None = None,  # noqa: A002 - the documented name
+        transform: Callable[[dict[str, Any]], Any] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        from .catalog import catalog
+
+        if scale is not None and size is not None:
+            raise ValueError("give scale or size, not both")
+        if scale is not None and scale < 0:
+            raise ValueError(f"scale must be >= 0, found {scale}")
+        if size is not None and size < 1:
+            raise ValueError(f"size must be a positive number of pixels, found {size}")
+        self.root = _root_string(dataset)
+        self.scale = scale
+        self.size = size
+        self.below = below
+        self.transform = transform
+        self.storage_options = dict(storage_options or {})
+        df = catalog(self.root, storage_options=self.storage_options)
+        df = df[df["complete"].astype(bool)]
+        if isinstance(filter, str):
+            df = df.query(filter)
+        elif filter is not None:
+            keep = [bool(filter(row)) for _, row in df.iterrows()]
+            df = df[np.asarray(keep, dtype=bool)] if keep else df
+        if scale is not None:
+            short = df[df["levels"] < scale]
+            if len(short):
+                raise ValueError(
+                    f"scale={scale}: {len(short)} selected image(s) have fewer levels "
+                    f"(e.g. {short['path'].iloc[0]!r} has {int(short['levels'].iloc[0])}); "
+                    f"add the filter 'levels >= {scale}' or use size=")
+        self._rows: list[dict[str, Any]] = df.reset_index(drop=True).to_dict("records")
+        self._stores: OrderedDict[str, MultiscaleStore] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    # -- what the loaders use --------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> Any:
+        i = self._position(i)
+        row = self._rows[i]
+        store = self._store(row["path"])
+        info = store.info
+        k = choose_level(info, scale=self.scale, size=self.size, below=self.below)
+        import zarr
+
+        stored = zarr.open_array(store, path=f"s{k}/{IMAGE}", mode="r", zarr_format=3)[...]
+        item = {
+            "image": info.values.decode(np.asarray(stored)),
+            "affine": np.asarray(info.level_affine(k), dtype=np.float64),
+            "spacing": np.asarray(info.level_spacing(k), dtype=np.float64),
+            "path": row["path"],
+            "level": k,
+            "meta": {**{key: row.get(key, "") for key in _META}, "dims": "".join(info.dims)},
+        }
+        return self.transform(item) if self.transform is not None else item
+
+    # -- pickling: the root, the options and the rows; stores are per process ----
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_stores"] = OrderedDict()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        how = (f"scale={self.scale}" if self.scale is not None else
+               f"size={self.size}{', below' if self.below else ''}" if self.size else "level 0")
+        return f"MistDataset({self.root!r}, {len(self)} images, {how})"
+
+    # -- without reading pixels ---------------------------------------------------
+    @property
+    def catalog(self) -> "pd.DataFrame":
+        """The selected catalog rows, in item order."""
+        import pandas as pd
+
+        from .catalog import COLUMNS
+
+        columns = list(dict.fromkeys([*COLUMNS, *(c for r in self._rows[:1] for c in r)]))
+        return pd.DataFrame(self._rows, columns=columns)
+
+    def level(self, i: int) -> int:
+        """The level item ``i`` is read at, from the catalog (no I/O)."""
+        row = self._rows[self._position(i)]
+        shim = SimpleNamespace(
+            dims=tuple(row["dims"]), levels=int(row["levels"]),
+            level_shape=lambda k: level_shape(row["shape"], row["dims"], k))
+        return choose_level(shim, scale=self.scale, size=self.size, below=self.below)
+
+    def item_shape(self, i: int) -> tuple[int, ...]:
+        """Shape of item ``i``'s image, from the catalog (no I/O): for bucketing by size."""
+        row = self._rows[self._position(i)]
+        return tuple(int(n) for n in level_shape(row["shape"], row["dims"], self.level(i)))
+
+    # -- internals --------------------------------------------------------------
+    def _position(self, i: int) -> int:
+        n = len(self._rows)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for {n} images")
+        return i
+
+    def _store(self, path: str) -> "MultiscaleStore":
+        from .store import MultiscaleStore
+
+        if self._pid != os.getpid():  # forked: the parent's stores (and lock) are not ours
+            self._stores = OrderedDict()
+            self._lock = threading.Lock()
+            self._pid = os.getpid()
+        with self._lock:
+            store = self._stores.get(path)
+            if store is None:
+                store = MultiscaleStore(_join(self.root, path),
+                                        storage_options=self.storage_options)
+                self._stores[path] = store
+                while len(self._stores) > _OPEN_STORES:
+                    self._stores.popitem(last=False)
+            else:
+                self._stores.move_to_end(path)
+            return store
