@@ -16,6 +16,8 @@ from .writer import write_image  # noqa: E402
 from .store import MultiscaleStore, PrefixError  # noqa: E402
 from .access import choose_level, open, open_dataset  # noqa: E402
 from .convert import ConvertReport, convert, list_images  # noqa: E402
+from .catalog import build_catalog, read_catalog, update_catalog, write_catalog  # noqa: E402
+from .dataset import MistDataset  # noqa: E402
 from .export import export  # noqa: E402
 from .verify import verify  # noqa: E402
 
@@ -29,8 +31,10 @@ __all__ = [
     "ImageInfo",
     "IncompleteImageError",
     "LossyInputError",
+    "MistDataset",
     "MultiscaleStore",
     "PrefixError",
+    "build_catalog",
     "choose_level",
     "convert",
     "export",
@@ -42,9 +46,12 @@ __all__ = [
     "open_image",
     "parse_codestream",
     "prefix_lengths",
+    "read_catalog",
     "read_checksums",
     "read_image",
     "read_index",
+    "update_catalog",
     "verify",
+    "write_catalog",
     "write_image",
 ]

@@ -28,7 +28,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,7 +92,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
 _LIST_COLUMNS = [c for c, (t, _) in COLUMNS.items() if t.startswith("list")]
 
 
-def _arrow_type(name: str) -> "pa.DataType":
+def _arrow_type(name: str) -> pa.DataType:
     import pyarrow as pa
 
     if name.startswith("list<"):
@@ -274,7 +274,7 @@ async def _walk(store: Any, prefix: str) -> list[dict[str, Any]]:
 
 
 def _frame(rows: Iterable[Mapping[str, Any]], columns: list[str] | None = None
-           ) -> "pd.DataFrame":
+           ) -> pd.DataFrame:
     import pandas as pd
 
     rows = sorted(rows, key=lambda r: r["path"])
@@ -285,7 +285,7 @@ def _frame(rows: Iterable[Mapping[str, Any]], columns: list[str] | None = None
 
 # -- public API -------------------------------------------------------------------
 def build_catalog(dataset: Any, *, storage_options: Mapping[str, Any] | None = None
-                  ) -> "pd.DataFrame":
+                  ) -> pd.DataFrame:
     """Scan the dataset root and return its catalog (one row per image, sorted by path).
 
     ``dataset`` is a path, URL (fsspec: ``s3://`` ``memory://`` ...), zarr store
@@ -308,7 +308,7 @@ def build_catalog(dataset: Any, *, storage_options: Mapping[str, Any] | None = N
     return _frame(rows)
 
 
-def _table(df: "pd.DataFrame") -> "pa.Table":
+def _table(df: pd.DataFrame) -> pa.Table:
     import pyarrow as pa
 
     missing = [c for c in COLUMNS if c not in df.columns]
@@ -328,13 +328,13 @@ def _table(df: "pd.DataFrame") -> "pa.Table":
         fields.append(pa.field(name, array.type))
     meta = {_META_KEY: json.dumps({
         "version": CATALOG_VERSION, "images": len(df),
-        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "written": datetime.now(UTC).isoformat(timespec="seconds"),
     }).encode()}
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=meta))
 
 
-def write_catalog(dataset: Any, df: "pd.DataFrame | None" = None, *,
-                  storage_options: Mapping[str, Any] | None = None) -> "pd.DataFrame":
+def write_catalog(dataset: Any, df: pd.DataFrame | None = None, *,
+                  storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Write ``df`` (default: :func:`build_catalog`) as ``catalog.parquet`` at the root.
 
     Atomic: on a local disk the file is written under a temporary name in the
@@ -368,7 +368,7 @@ def write_catalog(dataset: Any, df: "pd.DataFrame | None" = None, *,
 
 
 def read_catalog(dataset: Any, *, storage_options: Mapping[str, Any] | None = None
-                 ) -> "pd.DataFrame | None":
+                 ) -> pd.DataFrame | None:
     """The stored ``catalog.parquet`` as a frame, or None when absent or of another version.
 
     List columns come back as Python lists, so the frame equals the one
@@ -391,7 +391,7 @@ def read_catalog(dataset: Any, *, storage_options: Mapping[str, Any] | None = No
 
 
 def catalog(dataset: Any, *, refresh: bool = False, write: bool | None = None,
-            storage_options: Mapping[str, Any] | None = None) -> "pd.DataFrame":
+            storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """The dataset's catalog: ``catalog.parquet`` if present, else built by scanning.
 
     The stored file is used whenever it exists and has this library's schema
@@ -417,7 +417,7 @@ def catalog(dataset: Any, *, refresh: bool = False, write: bool | None = None,
 
 
 def update_catalog(dataset: Any, paths: Iterable[str], *,
-                   storage_options: Mapping[str, Any] | None = None) -> "pd.DataFrame":
+                   storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Replace (or add) the rows of the images at ``paths`` and write the catalog.
 
     Only those images are read. A path with no image any more loses its row.
@@ -428,6 +428,8 @@ def update_catalog(dataset: Any, paths: Iterable[str], *,
     """
     paths = list(dict.fromkeys(str(p).strip("/") for p in paths))
     old = read_catalog(dataset, storage_options=storage_options)
+    if old is not None and not paths:
+        return old
     if old is None:
         return write_catalog(dataset, build_catalog(dataset, storage_options=storage_options),
                              storage_options=storage_options)

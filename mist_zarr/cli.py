@@ -102,6 +102,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_catalog(args: argparse.Namespace) -> int:
+    from mist_zarr.catalog import CATALOG, build_catalog, write_catalog
+
+    df = build_catalog(args.dest)
+    write_catalog(args.dest, df)
+    print(f"{len(df)} image(s), {int(df['bytes'].sum()):,} bytes -> {args.dest}/{CATALOG}")
+    return 0
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
     from mist_zarr.convert import dumps, format_table, list_images
 
@@ -183,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="dataset root")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.set_defaults(func=_cmd_ls)
+
+    p = sub.add_parser("catalog", help="(re)build the dataset's catalog.parquet")
+    p.add_argument("dest", help="dataset root (a path or a URL that can be listed)")
+    p.set_defaults(func=_cmd_catalog)
 
     p = sub.add_parser("serve", help="serve a directory read-only over HTTP with Range support")
     p.add_argument("root", help="directory to serve")

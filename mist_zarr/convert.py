@@ -420,8 +420,19 @@ def convert(
         for unit in units:
             collect(unit, run_unit(unit, dest, options))
     bar.close()
+    _update_catalog(root, report)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _update_catalog(root: zarr.Group, report: ConvertReport) -> None:
+    """Keep the dataset's catalog.parquet in step with the images just written."""
+    from .catalog import CATALOG, update_catalog
+
+    try:
+        update_catalog(root, [r.path for r in report.converted if r.status == "converted"])
+    except (OSError, ValueError, ImportError) as exc:
+        report.problems.append(Problem(f"{report.dest}/{CATALOG}", f"catalog not updated: {exc}"))
 
 
 def _run_distributed(units, dest, options, workers, scheduler, collect, report) -> None:
@@ -566,7 +577,7 @@ def list_images(dest: Any, *, storage_options: dict[str, Any] | None = None) -> 
     rows = []
     with warnings.catch_warnings():
         # the dataset's own bookkeeping folders (.mist-done, .mist-tmp) are not zarr nodes
-        warnings.filterwarnings("ignore", message=r"Object at \.mist-")
+        warnings.filterwarnings("ignore", message=r"Object at (\.mist-|catalog\.parquet)")
         members = list(root.members(max_depth=None))
     for path, node in members:
         if not isinstance(node, zarr.Group) or ATTR not in node.attrs:

@@ -86,7 +86,7 @@ class MistDataset:
         scale: int | None = None,
         size: int | None = None,
         below: bool = False,
-        filter: str | Callable[[Any], bool] | None = None,  # noqa: A002 - the documented name
+        filter: str | Callable[[Any], bool] | None = None,
         transform: Callable[[dict[str, Any]], Any] | None = None,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -165,7 +165,7 @@ class MistDataset:
 
     # -- without reading pixels ---------------------------------------------------
     @property
-    def catalog(self) -> "pd.DataFrame":
+    def catalog(self) -> pd.DataFrame:
         """The selected catalog rows, in item order."""
         import pandas as pd
 
@@ -197,7 +197,7 @@ class MistDataset:
             raise IndexError(f"index {i} out of range for {n} images")
         return i
 
-    def _store(self, path: str) -> "MultiscaleStore":
+    def _store(self, path: str) -> MultiscaleStore:
         from .store import MultiscaleStore
 
         if self._pid != os.getpid():  # forked: the parent's stores (and lock) are not ours

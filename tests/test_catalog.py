@@ -14,8 +14,15 @@ import pytest
 import zarr
 
 import mist_zarr
-from mist_zarr.catalog import (CATALOG, COLUMNS, build_catalog, catalog, read_catalog,
-                               update_catalog, write_catalog)
+from mist_zarr.catalog import (
+    CATALOG,
+    COLUMNS,
+    build_catalog,
+    catalog,
+    read_catalog,
+    update_catalog,
+    write_catalog,
+)
 from mist_zarr.phantom import ct_phantom
 from mist_zarr.serve import serve_in_thread
 
@@ -210,6 +217,19 @@ def test_update_after_a_second_convert(tmp_path):
     # an image that is gone loses its row
     shutil.rmtree(dest / "extra")
     assert "extra" not in update_catalog(dest, ["extra"])["path"].tolist()
+
+
+def test_update_through_the_root_group_convert_holds(converted, tmp_path):
+    """convert calls update_catalog with its open root group (local or object store)."""
+    src, _ = converted
+    dest = tmp_path / "dataset"
+    shutil.copytree(src, dest)
+    write_catalog(dest)
+    root = zarr.open_group(dest, mode="a", zarr_format=3)
+    stamp = (dest / CATALOG).stat().st_mtime_ns
+    pd.testing.assert_frame_equal(update_catalog(root, []), read_catalog(dest))
+    assert (dest / CATALOG).stat().st_mtime_ns == stamp  # nothing to do: not rewritten
+    pd.testing.assert_frame_equal(update_catalog(root, ["wide", "phantom"]), build_catalog(dest))
 
 
 def test_update_without_a_catalog_builds_it_whole(converted, tmp_path):

@@ -17,7 +17,7 @@ from mist_zarr.dataset import MistDataset
 from mist_zarr.serve import serve_in_thread
 
 from .conftest import shared
-from .test_catalog import make_sources
+from .test_catalog import make_sources, quiet_list_images
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def stack_collate(items: list[dict]):
 
 def test_length_filters_and_catalog(dataset):
     everything = MistDataset(dataset)
-    paths = sorted(r["path"] for r in mist_zarr.list_images(dataset))
+    paths = sorted(r["path"] for r in quiet_list_images(dataset))
     assert len(everything) == len(paths)
     assert list(everything.catalog["path"]) == paths
     nifti = MistDataset(dataset, filter="source_format == 'nifti'")
@@ -154,15 +154,6 @@ def test_pickle_round_trip_keeps_rows_not_stores(dataset):
         same_item(a, back[i])
 
 
-def test_spawned_worker_pool_reads_items(dataset):
-    ds = MistDataset(dataset, size=100)
-    expected = [ds[i] for i in range(len(ds))]
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        got = pool.map(ds.__getitem__, range(len(ds)), chunksize=1)
-    for a, b in zip(expected, got):
-        same_item(a, b)
-
-
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")
 def test_forked_worker_pool_after_reads_in_the_parent(dataset):
     """Linux DataLoader workers fork: stores opened in the parent are not reused."""
@@ -174,7 +165,7 @@ def test_forked_worker_pool_after_reads_in_the_parent(dataset):
         same_item(a, b)
 
 
-def test_over_http_in_this_process_and_in_workers(dataset):
+def test_over_http_only_the_chosen_levels_travel(dataset):
     local = MistDataset(dataset, size=64)
     expected = [local[i] for i in range(len(local))]
     with serve_in_thread(dataset.parent) as server:
@@ -184,10 +175,6 @@ def test_over_http_in_this_process_and_in_workers(dataset):
         for i, a in enumerate(expected):
             same_item(a, remote[i])
         sent = server.bytes_sent
-        with multiprocessing.get_context("spawn").Pool(2) as pool:
-            got = pool.map(remote.__getitem__, range(len(remote)), chunksize=1)
-    for a, b in zip(expected, got):
-        same_item(a, b)
     # exactly the chosen levels' prefixes travel (+ 2 boundary bytes per reduced chunk),
     # plus each image's zarr.json and prefix index
     full = int(local.catalog["bytes"].sum())
@@ -202,6 +189,21 @@ def test_over_http_in_this_process_and_in_workers(dataset):
     assert sent == wanted
     if local.catalog["levels"].max() >= 2:
         assert sent < 0.5 * full
+
+
+def test_spawned_worker_pool_reads_local_and_http_items(dataset):
+    """What DataLoader(num_workers=2) does: pickle the dataset into 2 fresh processes."""
+    local = MistDataset(dataset, size=100)
+    expected = [local[i] for i in range(len(local))]
+    with serve_in_thread(dataset.parent) as server, \
+            multiprocessing.get_context("spawn").Pool(2) as pool:
+        remote = MistDataset(f"{server.url}/{dataset.name}", size=100)
+        got_local = pool.map(local.__getitem__, range(len(local)), chunksize=1)
+        got_remote = pool.map(remote.__getitem__, range(len(remote)), chunksize=1)
+        assert any("/image/c/" in r.path for r in server.requests)  # the workers read over HTTP
+    for a, b, c in zip(expected, got_local, got_remote, strict=True):
+        same_item(a, b)
+        same_item(a, c)
 
 
 def test_torch_is_not_imported():

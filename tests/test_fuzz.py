@@ -76,3 +76,23 @@ def test_mutated_pngs_and_tiffs(tmp_path):
     pngs = sorted((DATA_DIR / "radiographs" / "nih-cxr14-png").glob("*.png"))[:1]
     result = run_driver("image", 5, seeds + [str(p) for p in pngs], tmp_path)
     assert result.get("problem", 0) > 0
+
+
+def test_atheris_coverage_guided_codestream_parser(tmp_path):
+    pytest.importorskip("atheris")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    import imagecodecs
+
+    from mist_zarr.layout import encode_kwargs
+
+    rng = np.random.default_rng(6)
+    for i, (shape, levels) in enumerate([((16, 16), 1), ((40, 24), 2), ((9, 70), 1)]):
+        a = rng.integers(0, 4000, shape, dtype=np.uint16)
+        (corpus / f"seed{i}.j2k").write_bytes(imagecodecs.htj2k_encode(a, **encode_kwargs(levels)))
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "fuzz" /
+                                               "atheris_codestream.py"),
+                           "-runs=100000", "-max_len=4096", "-seed=7", str(corpus)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Done 100000 runs" in proc.stderr
