@@ -147,24 +147,24 @@ def _export_nifti(store: Any, info: ImageInfo, k: int, out: Path) -> ExportResul
     return ExportResult("nifti", k, [str(name)], notes)
 
 
-def _dicom_rescale(info: ImageInfo) -> tuple[float, float] | None:
+def _dicom_pair(info: ImageInfo, first: str, second: str) -> tuple[Any, Any]:
+    """First values of two DICOM JSON attributes of the series (None when absent)."""
     ds = info.metadata.get("dicom") if isinstance(info.metadata, dict) else None
     if not isinstance(ds, dict):
-        return None
-    slope = (ds.get("00281053", {}).get("Value") or [None])[0]
-    inter = (ds.get("00281052", {}).get("Value") or [None])[0]
+        return None, None
+    return tuple((ds.get(tag, {}).get("Value") or [None])[0] for tag in (first, second))
+
+
+def _dicom_rescale(info: ImageInfo) -> tuple[float, float] | None:
+    slope, inter = _dicom_pair(info, "00281053", "00281052")  # RescaleSlope, RescaleIntercept
     if slope is None and inter is None:
         return None
     return float(slope if slope is not None else 1.0), float(inter if inter is not None else 0.0)
 
 
 def _dicom_window(info: ImageInfo) -> tuple[float, float] | None:
-    ds = info.metadata.get("dicom") if isinstance(info.metadata, dict) else None
-    if not isinstance(ds, dict):
-        return None
-    c = (ds.get("00281050", {}).get("Value") or [None])[0]
-    w = (ds.get("00281051", {}).get("Value") or [None])[0]
-    return (float(c), float(w)) if c is not None and w is not None else None
+    centre, width = _dicom_pair(info, "00281050", "00281051")  # WindowCenter, WindowWidth
+    return (float(centre), float(width)) if centre is not None and width is not None else None
 
 
 def _to_8bit(plane: np.ndarray, info: ImageInfo, window: Sequence[float] | None) -> np.ndarray:

@@ -1252,6 +1252,13 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _in_plane_spacing(frame: _Frame) -> tuple[tuple[float, float], list[str], list[str]]:
+    """(row, column) spacing of a stack, with the warning or note it needs."""
+    if frame.pixel_spacing is None:
+        return (1.0, 1.0), ["no pixel spacing in the header; 1.0 mm assumed"], []
+    return frame.pixel_spacing, [], [frame.spacing_note] if frame.spacing_note else []
+
+
 def _plan_stack(
     frames: list[_Frame], files: list[_FileInfo], label: str, split_acq: bool = True
 ) -> list[_Plan]:
@@ -1268,14 +1275,7 @@ def _plan_spatial(
         row, col, normal = geom.direction_cosines(frames[0].iop)
     except ValueError as exc:
         raise DicomError(f"{label}: {exc}") from None
-    warnings_: list[str] = []
-    notes: list[str] = []
-    spacing = frames[0].pixel_spacing
-    if spacing is None:
-        spacing = (1.0, 1.0)
-        warnings_.append("no pixel spacing in the header; 1.0 mm assumed")
-    elif frames[0].spacing_note:
-        notes.append(frames[0].spacing_note)
+    spacing, warnings_, notes = _in_plane_spacing(frames[0])
     positions = np.array([f.position for f in frames])
     clusters = geom.cluster_positions(positions @ normal)
     counts = [len(c) for c in clusters]
@@ -1391,14 +1391,7 @@ def _plan_frames(frames: list[_Frame], files: list[_FileInfo], label: str) -> _P
     info = files[frames[0].file]
     ds = info.ds
     frames = sorted(frames, key=lambda f: f.index)
-    warnings_: list[str] = []
-    notes: list[str] = []
-    spacing = frames[0].pixel_spacing
-    if spacing is None:
-        spacing = (1.0, 1.0)
-        warnings_.append("no pixel spacing in the header; 1.0 mm assumed")
-    elif frames[0].spacing_note:
-        notes.append(frames[0].spacing_note)
+    spacing, warnings_, notes = _in_plane_spacing(frames[0])
     ipp = _floats(ds, "ImagePositionPatient", 3)
     row = col = normal = None
     if frames[0].iop:
