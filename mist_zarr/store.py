@@ -17,6 +17,7 @@ import json
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -112,6 +113,11 @@ def ome_multiscales(info: ImageInfo, name: str = "image") -> dict[str, Any] | No
     return {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": datasets}]}
 
 
+_SHARED: "OrderedDict[tuple[str, str], _State]" = OrderedDict()
+_SHARED_LOCK = threading.Lock()
+_SHARED_MAX = 256
+
+
 @dataclass(frozen=True)
 class _State:
     info: ImageInfo
@@ -152,6 +158,12 @@ class MultiscaleStore(Store):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["source"], storage_options=state["storage_options"])
+        # Copies of one store unpickled in the same process (every dask task
+        # carries one) share the index they load, instead of one load per task.
+        self._shared_key = (repr(state["source"]), json.dumps(state["storage_options"],
+                                                              sort_keys=True, default=str))
+        with _SHARED_LOCK:
+            self._state = _SHARED.get(self._shared_key)
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -196,6 +208,12 @@ class MultiscaleStore(Store):
             fut.exception()  # mark retrieved when nobody else waits
             raise
         self._state = state
+        key = getattr(self, "_shared_key", None)
+        if key is not None:
+            with _SHARED_LOCK:
+                _SHARED[key] = state
+                while len(_SHARED) > _SHARED_MAX:
+                    _SHARED.popitem(last=False)
         fut.set_result(state)
         return state
 
