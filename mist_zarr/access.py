@@ -73,7 +73,16 @@ def open(
     if values.kind == "quantized":
         image = (image * values.scale + values.offset).astype(values.dtype)
     elif values.kind == "cast":
-        image = image.astype(values.dtype)
+        target = np.dtype(values.dtype)
+        if target == np.bool_:
+            image = image > 0
+        elif target.kind in "iu":
+            # level 0 holds the written values exactly; reduced levels can
+            # overshoot next to sharp edges and are clipped to the dtype's range
+            bounds = np.iinfo(target)
+            image = image.clip(bounds.min, bounds.max).astype(target)
+        else:
+            image = image.astype(target)
     image.attrs = {
         "level": k,
         "levels": info.levels,

@@ -498,7 +498,7 @@ def _write_one(root: zarr.Group, name: str, image: SourceImage, options: _Option
                                   "it or skip_existing (--skip-existing) to keep it")
     parent = name.rsplit("/", 1)[0] if "/" in name else ""
     if parent:
-        root.require_group(parent)
+        _require_group(root, parent)
     metadata = image.write_metadata()
     metadata["convert_run"] = options.run
     kwargs = dict(dims=image.dims, spacing=image.spacing, affine=image.affine,
@@ -517,6 +517,23 @@ def _write_one(root: zarr.Group, name: str, image: SourceImage, options: _Option
                               .strip("/"), mode="r")[..., 0].sum())
     return SeriesResult(name, image.source_format, info.shape, info.dtype.name, bytes_in, out,
                         len(image.source_files), warnings=list(image.warnings))
+
+
+def _require_group(root: zarr.Group, path: str) -> None:
+    """Create the groups along ``path``; safe when other workers create them at once."""
+    for attempt in range(3):
+        try:
+            root.require_group(path)
+            return
+        except Exception:  # another process created a node on the path in between
+            try:
+                if isinstance(root[path], zarr.Group):
+                    return
+            except KeyError:
+                if attempt == 2:
+                    raise
+            else:
+                raise ConversionError(f"{path}: exists in the dataset and is not a group")
 
 
 def _local_root(root: zarr.Group) -> Path | None:

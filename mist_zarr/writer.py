@@ -119,7 +119,7 @@ def write_image(
             f"but the chunk plane is {chunk_plane}"
         )
     chunks = (1,) * iy + chunk_plane + tuple(shape[ix + 1 :])
-    mapping = choose_mapping(data, quantize=quantize, name=str(dest))
+    mapping = choose_mapping(data, quantize=quantize, levels=n, name=str(dest))
     if spacing is None:
         spacing = (1.0,) * len(dims)
     spacing = tuple(float(s) for s in spacing)

@@ -83,3 +83,31 @@ def test_dask_from_zarr_on_a_virtual_level_under_a_process_cluster(tmp_path, pha
                                            arr.max(axis=(1, 2))], sync=True)
     assert total == expected.astype(np.int64).sum()
     np.testing.assert_array_equal(per_slice, expected.max(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16"])
+def test_reduced_levels_never_wrap_around_at_sharp_edges(tmp_path, dtype):
+    """Low-pass samples overshoot next to edges; they must clip, not wrap to the far end."""
+    info = np.iinfo(dtype)
+    lo, hi = (0, info.max * 4 // 5) if info.min == 0 else (-1000, 3000)
+    a = np.full((3, 256, 256), lo, dtype)
+    a[:, :, 128:] = hi
+    a[1, 100:140, 60:70] = hi  # a thin bright bar: overshoot on both sides
+    written = mist_zarr.write_image(tmp_path / "e.zarr", a)
+    assert written.stored_dtype.kind == "i"  # signed, with headroom for the levels
+    import imagecodecs
+
+    from mist_zarr.layout import encode_kwargs
+
+    # the reference: the same samples coded as int32 by imagecodecs, nothing can wrap there
+    coded = [imagecodecs.htj2k_encode(p.astype(np.int32), **encode_kwargs(written.levels))
+             for p in a]
+    for k in range(1, written.levels + 1):
+        level = mist_zarr.open(tmp_path / "e.zarr", scale=k).values
+        truth = np.stack([imagecodecs.htj2k_decode(c, skipres=k) for c in coded])
+        assert level.dtype == a.dtype
+        assert truth.min() < lo  # there is an undershoot to get wrong
+        np.testing.assert_array_equal(level, np.clip(truth, info.min, info.max))
+        raw = zarr.open_array(MultiscaleStore(tmp_path / "e.zarr"), path=f"s{k}/image",
+                              mode="r")[...]
+        np.testing.assert_array_equal(raw, truth)  # the virtual array keeps the true values

@@ -118,7 +118,6 @@ def export_dicom(store: Any, info: ImageInfo, k: int, out: Path, *, uncompressed
     per_slice: dict[str, list[Any]] = meta.get("dicom_per_slice", {})
     per_vr: dict[str, str] = meta.get("dicom_per_slice_vr", {})
     values = open_level(store, scale=k).values
-    values = info.values.encode(values) if info.values.kind != "identity" else values
     colour = "c" in info.dims
     plane_nd = 3 if colour else 2
     lead = values.shape[: values.ndim - plane_nd]
@@ -179,7 +178,12 @@ def export_dicom(store: Any, info: ImageInfo, k: int, out: Path, *, uncompressed
             ds.update(Dataset.from_json({tag: elem}))
         _set_geometry(ds, info, k, i, lead, positions, affine_lps)
         plane = np.ascontiguousarray(slices[i])
-        _set_pixel_module(ds, plane, meta)
+        # Level 0 reuses the stored chunk when its samples have the source's width;
+        # unsigned sources are stored signed (headroom for the levels), so the
+        # frame is then described as signed: same values, PixelRepresentation 1.
+        passthrough = (not uncompressed and not derived and whole_plane
+                       and n == physical_slices and info.stored_dtype.itemsize == plane.dtype.itemsize)
+        _set_pixel_module(ds, plane.astype(info.stored_dtype) if passthrough else plane, meta)
         if derived:  # low-pass samples may overshoot the source's BitsStored range
             ds.BitsStored, ds.HighBit = ds.BitsAllocated, ds.BitsAllocated - 1
         sop_uid = str(ds.get("SOPInstanceUID", "")) or _derived_uid(series_uid, f"instance-{i}")
@@ -208,7 +212,7 @@ def export_dicom(store: Any, info: ImageInfo, k: int, out: Path, *, uncompressed
             syntax, pixel = EXPLICIT_LE, plane.astype(plane.dtype.newbyteorder("<")).tobytes()
         else:
             stream = None
-            if not derived and whole_plane and n == physical_slices:
+            if passthrough:
                 coords = np.unravel_index(i, lead) if lead else ()
                 key = f"{image.store_path.path}/" + image.metadata.encode_chunk_key(
                     tuple(int(c) for c in coords) + (0,) * (len(info.grid) - len(lead)))
