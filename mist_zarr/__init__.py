@@ -14,14 +14,27 @@ from .reader import ChecksumError, open_image, read_checksums, read_image, read_
 from .values import LossyInputError, ValueMapping  # noqa: E402
 from .writer import write_image  # noqa: E402
 from .store import MultiscaleStore, PrefixError  # noqa: E402
-from .access import choose_level, open, open_dataset  # noqa: E402
 from .convert import ConvertReport, convert, list_images  # noqa: E402
 from .catalog import build_catalog, read_catalog, update_catalog, write_catalog  # noqa: E402
-from .dataset import MistDataset  # noqa: E402
 from .export import export  # noqa: E402
 from .verify import verify  # noqa: E402
 
 __version__ = "0.1.0"
+
+# xarray (and pandas behind it) cost half a second to import; the reading
+# API loads them on first use so that convert / verify / serve start fast.
+_LAZY = {"open": "access", "open_dataset": "access", "choose_level": "access",
+         "MistDataset": "dataset"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mist_zarr' has no attribute {name!r}")
 
 __all__ = [
     "FORMAT_VERSION",

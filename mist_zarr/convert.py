@@ -27,7 +27,7 @@ from .format import ATTR, FORMAT_VERSION, ImageInfo
 from .writer import write_image
 
 __all__ = ["ConvertReport", "DEFAULT_MAX_BYTES", "Problem", "SeriesResult", "Unit", "convert",
-           "iter_sources", "list_images", "plan", "run_unit"]
+           "iter_sources", "list_images", "plan", "read_unit", "run_unit", "write_unit"]
 
 DEFAULT_MAX_BYTES = 8 << 30  # refuse images whose header declares more than 8 GiB
 DATASET_ATTR = "mist_dataset"
@@ -309,11 +309,16 @@ def run_unit(unit: Unit, dest: Any, options: _Options) -> tuple[list[SeriesResul
     redone by a rerun with ``skip_existing`` and a finished one is skipped
     without reading its sources again.
     """
+    return write_unit(unit, dest, options, read_unit(unit, dest, options))
+
+
+def read_unit(unit: Unit, dest: Any, options: _Options) -> Any:
+    """The reading half of :func:`run_unit`: the unit's images, or its finished results
+    (completion marker found with ``skip_existing``), or the Problem that refused it."""
     root = zarr.open_group(dest, mode="a", zarr_format=3, storage_options=options.storage_options)
-    store = root.store_path.store
-    marker = f"{root.store_path.path}/{_marker_key(unit)}".strip("/")
     if options.skip_existing:
-        done = _read_json(store, marker)
+        done = _read_json(root.store_path.store,
+                          f"{root.store_path.path}/{_marker_key(unit)}".strip("/"))
         if done is not None:
             results = []
             for name in done["images"]:
@@ -323,21 +328,33 @@ def run_unit(unit: Unit, dest: Any, options: _Options) -> tuple[list[SeriesResul
                 results.append(SeriesResult(name, info.source_format, info.shape, info.dtype.name,
                                             0, 0, len(unit.files), status="existing"))
             else:
-                return results, []
+                return results
     try:
-        images = _read_unit(unit, options.max_bytes)
+        return _read_unit(unit, options.max_bytes)
     except (ValueError, OSError) as exc:
-        return [], [Problem(_label(unit), str(exc))]
+        return Problem(_label(unit), str(exc))
+
+
+def write_unit(unit: Unit, dest: Any, options: _Options,
+               read: Any) -> tuple[list[SeriesResult], list[Problem]]:
+    """The writing half of :func:`run_unit`, given what :func:`read_unit` returned."""
+    if isinstance(read, Problem):
+        return [], [read]
+    if read and isinstance(read[0], SeriesResult):
+        return read, []
+    root = zarr.open_group(dest, mode="a", zarr_format=3, storage_options=options.storage_options)
     results, problems = [], []
-    for image in images:
+    for image in read:
         image.metadata["source_key"] = unit.key
         try:
             results.append(_write_one(root, image.name, image, options))
         except (ValueError, TypeError, OSError) as exc:
             problems.append(Problem(_label(unit), f"{image.name}: {exc}"))
     if not problems:
-        _write_json(store, marker, {"key": unit.key, "images": [r.path for r in results],
-                                    "files": len(unit.files), "run": options.run})
+        _write_json(root.store_path.store,
+                    f"{root.store_path.path}/{_marker_key(unit)}".strip("/"),
+                    {"key": unit.key, "images": [r.path for r in results],
+                     "files": len(unit.files), "run": options.run})
     return results, problems
 
 
@@ -417,8 +434,18 @@ def convert(
     if workers or scheduler:
         _run_distributed(units, dest, options, workers, scheduler, collect, report)
     else:
-        for unit in units:
-            collect(unit, run_unit(unit, dest, options))
+        # Read unit i+1 (pydicom, mostly Python) on a thread while unit i is
+        # encoded (imagecodecs releases the GIL): the second core is used, and
+        # at most two units' samples are in memory.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="mist-read") as reader:
+            ahead = reader.submit(read_unit, units[0], dest, options) if units else None
+            for i, unit in enumerate(units):
+                read = ahead.result()
+                ahead = reader.submit(read_unit, units[i + 1], dest, options) \
+                    if i + 1 < len(units) else None
+                collect(unit, write_unit(unit, dest, options, read))
     bar.close()
     _update_catalog(root, report)
     report.seconds = time.perf_counter() - t0

@@ -19,8 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from .access import choose_level
-from .access import open as open_level
 from .format import ImageInfo
 from .reader import open_image
 
@@ -68,6 +66,8 @@ def export(
     ``bits=8`` (with the DICOM window, or ``window=(centre, width)``) for
     8-bit pictures. JPEG is always 8-bit and lossy (previews).
     """
+    from .access import choose_level
+
     group, info = open_image(store)
     fmt = format.lower()
     if fmt not in ("dicom", "nifti", "png", "jpeg"):
@@ -93,6 +93,8 @@ def export(
 
 def _export_nifti(store: Any, info: ImageInfo, k: int, out: Path) -> ExportResult:
     import nibabel as nib
+
+    from .access import open as open_level
 
     data = open_level(store, scale=k).values
     if "c" in info.dims:  # NIfTI RGB24 / RGBA32: one structured voxel per colour sample
@@ -200,6 +202,8 @@ def _export_pictures(store: Any, info: ImageInfo, k: int, out: Path, fmt: str, *
                      window: Sequence[float] | None, bits: int | None) -> ExportResult:
     import imagecodecs
     from PIL import Image, PngImagePlugin
+
+    from .access import open as open_level
 
     level = open_level(store, scale=k)
     data = level.values
