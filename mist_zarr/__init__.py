@@ -10,7 +10,14 @@ _imagecodecs_zarr.register_codecs(["htj2k"], verbose=False)
 
 from .codestream import CodestreamError, parse_codestream, prefix_lengths  # noqa: E402
 from .format import FORMAT_VERSION, ImageInfo, IncompleteImageError  # noqa: E402
-from .reader import ChecksumError, open_image, read_checksums, read_image, read_index  # noqa: E402
+from .reader import (  # noqa: E402
+    ChecksumError,
+    open_image,
+    read_checksums,
+    read_image,
+    read_index,
+    read_metadata,
+)
 from .values import LossyInputError, ValueMapping  # noqa: E402
 from .writer import write_image  # noqa: E402
 from .store import MultiscaleStore, PrefixError  # noqa: E402
@@ -63,6 +70,7 @@ __all__ = [
     "read_checksums",
     "read_image",
     "read_index",
+    "read_metadata",
     "update_catalog",
     "verify",
     "write_catalog",

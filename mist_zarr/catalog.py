@@ -26,6 +26,8 @@ import asyncio
 import io
 import json
 import os
+import sys
+import types
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -450,3 +452,14 @@ def update_catalog(dataset: Any, paths: Iterable[str], *,
     columns = list(dict.fromkeys([*COLUMNS, *old.columns]))
     merged = kept + [{**{c: None for c in columns}, **r} for r in new.values()]
     return write_catalog(dataset, _frame(merged, columns), storage_options=storage_options)
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``mist_zarr.catalog(dataset)`` call :func:`catalog`; the module and
+    its function share the name, and the package attribute is the module."""
+
+    def __call__(self, dataset: Any, **kwargs: Any) -> pd.DataFrame:
+        return catalog(dataset, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

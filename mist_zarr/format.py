@@ -20,6 +20,7 @@ __all__ = [
     "FORMAT_VERSION",
     "IMAGE",
     "INDEX",
+    "SLICE_METADATA",
     "SOURCE_FORMATS",
     "ImageInfo",
     "IncompleteImageError",
@@ -31,6 +32,11 @@ ATTR = "mist"
 IMAGE = "image"
 INDEX = "index"
 CHECKSUM = "checksum"
+# Per-slice source metadata (per-frame DICOM attributes) can be megabytes; it
+# lives zstd-compressed in this uint8 array rather than in zarr.json, which
+# every open reads. ``metadata[SLICE_METADATA]`` names the keys moved there.
+SLICE_METADATA = "slice_metadata"
+BULKY_METADATA = ("dicom_per_slice", "dicom_per_slice_vr")
 SOURCE_FORMATS = ("dicom", "nifti", "png", "jpeg", "tiff", "array")
 UNITS = {"z": "millimeter", "y": "millimeter", "x": "millimeter", "t": "second", "c": None}
 

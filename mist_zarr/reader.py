@@ -13,9 +13,10 @@ import numpy as np
 import zarr
 from zarr.abc.store import _store_supports_sync_io
 
-from .format import ATTR, CHECKSUM, IMAGE, INDEX, ImageInfo, IncompleteImageError
+from .format import ATTR, CHECKSUM, IMAGE, INDEX, SLICE_METADATA, ImageInfo, IncompleteImageError
 
-__all__ = ["ChecksumError", "open_image", "read_checksums", "read_image", "read_index"]
+__all__ = ["ChecksumError", "open_image", "read_checksums", "read_image", "read_index",
+           "read_metadata"]
 
 
 def open_image(
@@ -113,6 +114,18 @@ def _read_direct(image: zarr.Array, info: ImageInfo, threads: int | None,
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mist-decode") as pool:
         list(pool.map(load, np.ndindex(*info.grid)))
     return out
+
+
+def read_metadata(source: Any) -> dict[str, Any]:
+    """The image's full source metadata: ``zarr.json``'s plus the per-slice part
+    stored in the ``slice_metadata`` array (source: group, path, URL or store)."""
+    import json
+
+    group = _group(source)
+    metadata = dict(group.attrs[ATTR].get("metadata", {}))
+    if metadata.get(SLICE_METADATA):
+        metadata.update(json.loads(group[SLICE_METADATA][...].tobytes()))
+    return metadata
 
 
 def _group(source: Any) -> zarr.Group:

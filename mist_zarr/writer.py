@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,7 +19,17 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .codestream import CodestreamError, prefix_lengths
-from .format import ATTR, CHECKSUM, IMAGE, INDEX, SOURCE_FORMATS, ImageInfo, default_affine
+from .format import (
+    ATTR,
+    BULKY_METADATA,
+    CHECKSUM,
+    IMAGE,
+    INDEX,
+    SLICE_METADATA,
+    SOURCE_FORMATS,
+    ImageInfo,
+    default_affine,
+)
 from .layout import (
     DEFAULT_ALPHA,
     codec_config,
@@ -128,10 +139,13 @@ def write_image(
     affine = default_affine(dims, spacing) if affine is None else np.asarray(affine, float)
     if affine.shape != (4, 4):
         raise ValueError(f"affine must be 4x4, found shape {affine.shape}")
+    metadata = dict(metadata or {})
+    bulky = {k: metadata.pop(k) for k in BULKY_METADATA if k in metadata}
+    if bulky:
+        metadata[SLICE_METADATA] = sorted(bulky)
     info = ImageInfo(
         dims=dims, shape=shape, chunks=chunks, levels=n, alpha=alpha, spacing=spacing,
-        affine=affine, values=mapping, source_format=source_format,
-        metadata=dict(metadata or {}),
+        affine=affine, values=mapping, source_format=source_format, metadata=metadata,
     )
 
     grid = info.grid
@@ -159,6 +173,10 @@ def write_image(
     group = _write_chunks(create, data, info, index, checksum, threads, write_empty_chunks)
     group[INDEX][...] = index
     group[CHECKSUM][...] = checksum
+    if bulky:
+        blob = np.frombuffer(json.dumps(bulky, separators=(",", ":")).encode(), np.uint8)
+        group.create_array(SLICE_METADATA, data=blob, chunks=blob.shape,
+                           dimension_names=("json_byte",))
     info = info.completed()
     group.attrs.update({ATTR: info.to_json()})
     return info

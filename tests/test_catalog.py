@@ -290,3 +290,11 @@ def test_catalog_over_http_is_read_and_cannot_be_built(converted, tmp_path):
         (dest / CATALOG).unlink()
         with pytest.raises(ValueError, match=f"serve {CATALOG}"):
             catalog(url)
+
+
+def test_the_package_attribute_is_callable(converted):
+    import mist_zarr
+
+    dest = converted[0] if isinstance(converted, tuple) else converted
+    df = mist_zarr.catalog(dest)
+    assert list(df.path) == sorted(r["path"] for r in mist_zarr.list_images(dest))

@@ -115,8 +115,11 @@ def export_dicom(store: Any, info: ImageInfo, k: int, out: Path, *, uncompressed
     if "dicom" not in meta:
         raise ExportError(f"{store}: no DICOM metadata stored with this image")
     series = _strip_omitted(meta["dicom"])
-    per_slice: dict[str, list[Any]] = meta.get("dicom_per_slice", {})
-    per_vr: dict[str, str] = meta.get("dicom_per_slice_vr", {})
+    from ..reader import read_metadata
+
+    full = read_metadata(store)
+    per_slice: dict[str, list[Any]] = full.get("dicom_per_slice", {})
+    per_vr: dict[str, str] = full.get("dicom_per_slice_vr", {})
     values = open_level(store, scale=k).values
     colour = "c" in info.dims
     plane_nd = 3 if colour else 2
