@@ -476,12 +476,13 @@ def _run_distributed(units, dest, options, workers, scheduler, collect, report) 
     try:
         futures = {client.submit(run_unit, unit, dest, options, key=f"mist-unit-{i}",
                                  pure=False): unit for i, unit in enumerate(units)}
-        for future in as_completed(futures):
-            unit = futures[future]
+        for future in as_completed(list(futures)):
+            unit = futures.pop(future)  # drop our reference: the worker frees the result
             try:
                 collect(unit, future.result())
             except Exception as exc:  # the task itself failed (e.g. worker killed too often)
                 collect(unit, ([], [Problem(_label(unit), f"task failed: {exc!r}")]))
+            future.release()
     finally:
         client.close()
         if cluster is not None:
