@@ -306,15 +306,9 @@ def load_average() -> str:
 def print_environment(dcm2niix: str) -> None:
     import imagecodecs
 
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from _machine import cpu_model, memory_gib
+
+    mem, cpu = memory_gib(), cpu_model()
     print("mist-zarr convert vs dcm2niix benchmark")
     print(f"command:  {shlex.join(sys.orig_argv)}")
     print(f"machine:  {platform.platform()}, {cpu}, {os.cpu_count()} CPUs, {mem:.1f} GiB RAM, "

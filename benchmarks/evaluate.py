@@ -740,15 +740,9 @@ def plane_text(planes: Iterable[tuple[int, int]]) -> str:
 
 
 def machine() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    from _machine import cpu_model, memory_gib
+
+    cpu, mem = cpu_model(), memory_gib()
     try:
         load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
