@@ -56,7 +56,7 @@ def read_image(source: Any, *, threads: int | None = None, verify: bool = True,
     With ``verify`` (the default) every chunk is checked against the CRC32C
     recorded at write time, so a damaged chunk, or a read that straddles a
     replacement of the image, raises :class:`ChecksumError` instead of
-    returning wrong samples. It costs about 3 % of the decode time.
+    returning wrong samples. It costs 4-8 % of the read time (CT, one thread).
     """
     group, info = open_image(source, **kwargs)
     image = group[IMAGE]
