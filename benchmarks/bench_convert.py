@@ -59,7 +59,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -306,7 +305,7 @@ def load_average() -> str:
 def print_environment(dcm2niix: str) -> None:
     import imagecodecs
 
-    from _machine import cpu_model, memory_gib
+    from _machine import cpu_model, memory_gib, package_versions
 
     mem, cpu = memory_gib(), cpu_model()
     print("mist-zarr convert vs dcm2niix benchmark")
@@ -315,12 +314,7 @@ def print_environment(dcm2niix: str) -> None:
           f"load average {load_average()}")
     print(f"python:   {platform.python_version()} ({sys.executable})")
     print(f"source:   {source_state()}")
-    versions = []
-    for name in PACKAGES:
-        try:
-            versions.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            versions.append(f"{name} (not installed)")
+    versions = package_versions(PACKAGES)
     print(f"packages: {', '.join(versions)}; {imagecodecs.htj2k_version()}")
     # dcm2niix prints its banner and exits with status 3 for --version
     banner = subprocess.run([dcm2niix, "--version"], capture_output=True, text=True,

@@ -50,7 +50,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -394,19 +393,14 @@ def table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> N
 def print_environment() -> None:
     import imagecodecs
 
-    from _machine import cpu_model, memory_gib
+    from _machine import cpu_model, memory_gib, package_versions
 
     mem, cpu = memory_gib(), cpu_model()
     print("mist-zarr level benchmark")
     print(f"command:  {shlex.join(sys.orig_argv)}")
     print(f"machine:  {platform.platform()}, {cpu}, {os.cpu_count()} CPUs, {mem:.1f} GiB RAM")
     print(f"python:   {platform.python_version()} ({sys.executable})")
-    versions = []
-    for name in PACKAGES:
-        try:
-            versions.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            versions.append(f"{name} (not installed)")
+    versions = package_versions(PACKAGES)
     versions.append(imagecodecs.htj2k_version())
     print("packages: " + ", ".join(versions))
 

@@ -107,7 +107,6 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -752,12 +751,9 @@ def machine() -> dict[str, str]:
 
 
 def versions() -> list[str]:
-    out = []
-    for name in PACKAGES:
-        try:
-            out.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            out.append(f"{name} (not installed)")
+    from _machine import package_versions
+
+    out = package_versions(PACKAGES)
     out.append(imagecodecs.htj2k_version())
     try:
         import dcm2niix

@@ -130,7 +130,7 @@ def _walk(src: Path, exclude: Path | None) -> list[Path]:
 
 
 def _sniff(path: Path) -> str | None:
-    from .converters.image import image_format
+    from .converters.image import signature_format
     from .converters.nifti import is_nifti
 
     try:
@@ -142,11 +142,11 @@ def _sniff(path: Path) -> str | None:
     # (dual-personality DICOM-TIFF files)
     if head[128:132] == b"DICM":
         return "dicom"
-    if is_nifti(path):
-        return "nifti"
-    fmt = image_format(path)
+    fmt = signature_format(head[:8])
     if fmt:
         return fmt
+    if is_nifti(path):
+        return "nifti"
     # DICOM without a preamble (old ACR-NEMA style): let pydicom decide
     return "dicom?" if len(head) >= 8 and head[0] in (0x02, 0x08) and head[1] == 0x00 else None
 
@@ -161,11 +161,11 @@ def _unique(name: str, taken: set[str], key: str) -> str:
     return candidate
 
 
-def _read_file(path: Path, max_bytes: int) -> SourceImage:
+def _read_file(path: Path, fmt: str, max_bytes: int) -> SourceImage:
     from .converters.image import read_image_file
     from .converters.nifti import read_nifti
 
-    if _sniff(path) == "nifti":
+    if fmt == "nifti":
         return read_nifti(path, max_bytes=max_bytes)
     return read_image_file(path, max_bytes=max_bytes)
 
@@ -189,7 +189,7 @@ class Unit:
     path under the dataset root for files (DICOM names come from the headers).
     """
 
-    kind: str  # "file" or "dicom"
+    kind: str  # the sniffed format: "dicom", "nifti", "png", "jpeg" or "tiff"
     key: str
     files: list[str]
     name: str = ""
@@ -223,7 +223,7 @@ def plan(
                 rel = path.relative_to(base) if base.is_dir() else Path(path.name)
                 stem = _file_stem(rel)
                 name = _unique(stem, taken, str(path.resolve()))
-                units.append(Unit("file", str(path.resolve()), [str(path)], name=name))
+                units.append(Unit(kind, str(path.resolve()), [str(path)], name=name))
     if dicom_files:
         from .converters.dicom import scan_dicom
 
@@ -251,8 +251,8 @@ def _file_stem(rel: Path) -> str:
 
 def _read_unit(unit: Unit, max_bytes: int) -> list[SourceImage]:
     """Read a unit's images; raises ConversionError (or DicomError) naming it."""
-    if unit.kind == "file":
-        image = _read_file(Path(unit.files[0]), max_bytes)
+    if unit.kind != "dicom":
+        image = _read_file(Path(unit.files[0]), unit.kind, max_bytes)
         image.name = unit.name
         return [image]
     from .converters.dicom import read_dicom_series

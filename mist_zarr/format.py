@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import google_crc32c
 import numpy as np
 
 from .layout import level_shape, plane_axes
@@ -23,6 +24,7 @@ __all__ = [
     "SLICE_METADATA",
     "SOURCE_FORMATS",
     "ImageInfo",
+    "chunk_crc",
     "IncompleteImageError",
     "default_affine",
 ]
@@ -39,6 +41,12 @@ SLICE_METADATA = "slice_metadata"
 BULKY_METADATA = ("dicom_per_slice", "dicom_per_slice_vr")
 SOURCE_FORMATS = ("dicom", "nifti", "png", "jpeg", "tiff", "array")
 UNITS = {"z": "millimeter", "y": "millimeter", "x": "millimeter", "t": "second", "c": None}
+
+
+def chunk_crc(samples: np.ndarray) -> int:
+    """CRC32C of a chunk's stored samples: little-endian, C order, the whole (padded) chunk."""
+    le = np.ascontiguousarray(samples).astype(samples.dtype.newbyteorder("<"), copy=False)
+    return google_crc32c.value(le)
 
 
 class IncompleteImageError(ValueError):

@@ -7,13 +7,21 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import google_crc32c
 import imagecodecs
 import numpy as np
 import zarr
 from zarr.abc.store import _store_supports_sync_io
 
-from .format import ATTR, CHECKSUM, IMAGE, INDEX, SLICE_METADATA, ImageInfo, IncompleteImageError
+from .format import (
+    ATTR,
+    CHECKSUM,
+    IMAGE,
+    INDEX,
+    SLICE_METADATA,
+    ImageInfo,
+    IncompleteImageError,
+    chunk_crc,
+)
 
 __all__ = ["ChecksumError", "open_image", "read_checksums", "read_image", "read_index",
            "read_metadata"]
@@ -75,8 +83,7 @@ def read_image(source: Any, *, threads: int | None = None, verify: bool = True,
 
 
 def _check(chunk: np.ndarray, expected: int, coords: tuple[int, ...]) -> None:
-    got = google_crc32c.value(chunk.astype(chunk.dtype.newbyteorder("<"), copy=False))
-    if got != int(expected):
+    if chunk_crc(chunk) != int(expected):
         raise ChecksumError(
             f"chunk {coords}: decoded samples do not match the checksum written with them "
             "(the chunk is damaged, or the image was replaced during this read)"
@@ -92,14 +99,16 @@ def _read_direct(image: zarr.Array, info: ImageInfo, threads: int | None,
     """
     store, base = image.store_path.store, image.store_path.path
     out = np.zeros(info.shape, info.stored_dtype)
-    zeros = np.zeros(info.chunks, info.stored_dtype) if crcs is not None else None
+    # chunks that were not written read as zeros; their CRC is the same for all
+    zero_crc = chunk_crc(np.zeros(info.chunks, info.stored_dtype)) if crcs is not None else None
 
     def load(coords: tuple[int, ...]) -> None:
         key = f"{base}/{image.metadata.encode_chunk_key(coords)}"
         buf = store.get_sync(key)
         if buf is None:  # not written: fill value 0
-            if zeros is not None:
-                _check(zeros, crcs[coords], coords)
+            if zero_crc is not None and zero_crc != int(crcs[coords]):
+                raise ChecksumError(f"chunk {coords}: missing, but its checksum says it held "
+                                    "samples other than 0")
             return
         try:
             decoded = imagecodecs.htj2k_decode(buf.as_numpy_array()).reshape(info.chunks)

@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LossyInputError", "ValueMapping", "choose_mapping", "integer_dtype_for",
-           "storage_dtype_for"]
+__all__ = ["LossyInputError", "ValueMapping", "choose_mapping", "storage_dtype_for"]
 
 STORABLE = tuple(np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "uint32", "int32"))
 
@@ -73,15 +72,6 @@ class ValueMapping:
         elif target == np.bool_:
             return a > 0
         return a.astype(target, copy=False)
-
-
-def integer_dtype_for(lo: float, hi: float) -> np.dtype | None:
-    """Smallest HTJ2K-codable integer dtype holding ``[lo, hi]``, unsigned first."""
-    for dt in STORABLE:
-        info = np.iinfo(dt)
-        if info.min <= lo and hi <= info.max:
-            return dt
-    return None
 
 
 def _stats(a: Any) -> tuple[float, float, bool, bool, bool]:

@@ -9,7 +9,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import google_crc32c
 import imagecodecs
 import numpy as np
 import zarr
@@ -28,6 +27,7 @@ from .format import (
     SLICE_METADATA,
     SOURCE_FORMATS,
     ImageInfo,
+    chunk_crc,
     default_affine,
 )
 from .layout import (
@@ -226,7 +226,7 @@ def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write
                 padded = np.zeros((ty, tx) + tail, tile.dtype)
                 padded[: tile.shape[0], : tile.shape[1]] = tile
                 tile = padded
-            crc = google_crc32c.value(tile.astype(tile.dtype.newbyteorder("<"), copy=False))
+            crc = chunk_crc(tile)
             row = ()
             if write_empty or tile.any():
                 encoded = imagecodecs.htj2k_encode(tile, **kwargs)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .base import ConversionError, SourceImage, missing_dependency, safe_name
 
-__all__ = ["image_format", "read_image_file"]
+__all__ = ["image_format", "read_image_file", "signature_format"]
 
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -25,9 +25,13 @@ def image_format(path: str | Path) -> str | None:
     """``"png"``, ``"jpeg"`` or ``"tiff"`` from the file's first bytes, else None."""
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            return signature_format(f.read(8))
     except OSError:
         return None
+
+
+def signature_format(head: bytes) -> str | None:
+    """``"png"``, ``"jpeg"`` or ``"tiff"`` from a file's first 8 bytes, else None."""
     for magic, fmt in _SIGNATURES:
         if head.startswith(magic):
             return fmt
