@@ -47,13 +47,18 @@ __all__ = [
     "CATALOG_VERSION",
     "COLUMNS",
     "build_catalog",
+    "FAILURES",
+    "FAILURE_COLUMNS",
     "catalog",
     "read_catalog",
+    "read_failures",
+    "update_failures",
     "update_catalog",
     "write_catalog",
 ]
 
 CATALOG = "catalog.parquet"
+FAILURES = "failures.csv"  # sources that were refused or failed, next to the catalog
 CATALOG_VERSION = 1
 _META_KEY = b"mist_catalog"
 _CONCURRENCY = 32  # requests in flight while building
@@ -351,12 +356,17 @@ def write_catalog(dataset: Any, df: pd.DataFrame | None = None, *,
     table = _table(df)
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
-    data = sink.getvalue()
+    _put(dataset, storage_options, CATALOG, sink.getvalue())
+    return df
+
+
+def _put(dataset: Any, storage_options: Mapping[str, Any] | None, name: str, data: bytes) -> None:
+    """Replace the file ``name`` at the dataset root whole (rename locally, one PUT remotely)."""
     store, prefix = _root(dataset, storage_options, write=True)
     local = _local_dir(store, prefix)
     if local is not None:
-        target = local / CATALOG
-        tmp = local / f".{CATALOG}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        target = local / name
+        tmp = local / f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
         try:
             tmp.write_bytes(data)
             os.replace(tmp, target)
@@ -365,8 +375,15 @@ def write_catalog(dataset: Any, df: pd.DataFrame | None = None, *,
     else:
         from zarr.core.buffer import default_buffer_prototype
 
-        _sync(store.set(_key(prefix, CATALOG), default_buffer_prototype().buffer.from_bytes(data)))
-    return df
+        _sync(store.set(_key(prefix, name), default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def _get(dataset: Any, storage_options: Mapping[str, Any] | None, name: str) -> bytes | None:
+    from zarr.core.buffer import default_buffer_prototype
+
+    store, prefix = _root(dataset, storage_options)
+    buf = _sync(store.get(_key(prefix, name), default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
 
 
 def read_catalog(dataset: Any, *, storage_options: Mapping[str, Any] | None = None
@@ -377,13 +394,11 @@ def read_catalog(dataset: Any, *, storage_options: Mapping[str, Any] | None = No
     :func:`build_catalog` returns for the same dataset.
     """
     import pyarrow.parquet as pq
-    from zarr.core.buffer import default_buffer_prototype
 
-    store, prefix = _root(dataset, storage_options)
-    buf = _sync(store.get(_key(prefix, CATALOG), default_buffer_prototype()))
-    if buf is None:
+    data = _get(dataset, storage_options, CATALOG)
+    if data is None:
         return None
-    table = pq.read_table(io.BytesIO(buf.to_bytes()))
+    table = pq.read_table(io.BytesIO(data))
     meta = json.loads((table.schema.metadata or {}).get(_META_KEY, b"{}"))
     if meta.get("version") != CATALOG_VERSION:
         return None
@@ -452,6 +467,50 @@ def update_catalog(dataset: Any, paths: Iterable[str], *,
     columns = list(dict.fromkeys([*COLUMNS, *old.columns]))
     merged = kept + [{**{c: None for c in columns}, **r} for r in new.values()]
     return write_catalog(dataset, _frame(merged, columns), storage_options=storage_options)
+
+
+# failures.csv: one row per source (file or DICOM series) that was not converted
+FAILURE_COLUMNS: dict[str, str] = {
+    "key": "identity of the source: a file path, or the DICOM series key (UID + stack)",
+    "source": "the source as a person reads it: file, or 'key (n files, e.g. first file)'",
+    "kind": "failed (a refused or broken source: an error) or skipped (not an image)",
+    "reason": "why, naming the file or series",
+    "run": "id of the conversion run that found it",
+    "time": "when that run ended (UTC, ISO 8601)",
+}
+
+
+def read_failures(dataset: Any, *, storage_options: Mapping[str, Any] | None = None
+                  ) -> pd.DataFrame:
+    """The dataset's ``failures.csv`` as a frame (no rows when there is none)."""
+    import pandas as pd
+
+    data = _get(dataset, storage_options, FAILURES)
+    if data is None:
+        return pd.DataFrame({c: pd.Series(dtype=str) for c in FAILURE_COLUMNS})
+    return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+
+
+def update_failures(dataset: Any, rows: Iterable[Mapping[str, Any]], seen: Iterable[str], *,
+                    storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Record a run's refused/failed sources in ``failures.csv`` and return the whole table.
+
+    ``seen`` holds the keys of every source the run looked at (converted or
+    not): their earlier rows are dropped, so a source that now converts
+    leaves the table, while sources of earlier runs over other folders stay.
+    The file is replaced whole (see :func:`write_catalog`), and written even
+    when empty: its header alone says a run found nothing to report.
+    """
+    import pandas as pd
+
+    old = read_failures(dataset, storage_options=storage_options)
+    rows = [{c: str(r.get(c, "")) for c in FAILURE_COLUMNS} for r in rows]
+    drop = set(seen) | {r["key"] for r in rows}
+    kept = old[~old["key"].isin(drop)] if len(old) else old
+    df = pd.concat([kept, pd.DataFrame(rows, columns=list(FAILURE_COLUMNS))], ignore_index=True)
+    df = df.sort_values(["kind", "key"], kind="stable", ignore_index=True)
+    _put(dataset, storage_options, FAILURES, df.to_csv(index=False).encode())
+    return df
 
 
 class _CallableModule(types.ModuleType):

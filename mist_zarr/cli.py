@@ -112,11 +112,59 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    from mist_zarr.convert import dumps, format_table, list_images
+    from mist_zarr.catalog import catalog, read_failures
+    from mist_zarr.convert import dumps
 
-    rows = list_images(args.dest)
-    print(dumps(rows) if args.json else format_table(rows))
+    if args.failures:
+        df = read_failures(args.dest)
+    else:
+        df = catalog(args.dest, refresh=args.refresh)
+        if args.columns:
+            wanted = [c.strip() for c in args.columns.split(",") if c.strip()]
+            unknown = [c for c in wanted if c not in df.columns]
+            if unknown:
+                raise SystemExit(f"mist-zarr ls: unknown column(s) {unknown}; the catalog has "
+                                 f"{list(df.columns)}")
+            df = df[wanted]
+    if args.json:
+        print(dumps(df.to_dict("records")))
+    elif not len(df):
+        print("no failures recorded" if args.failures else f"{args.dest}: no images")
+    else:
+        print(_catalog_table(df, all_columns=bool(args.columns) or args.failures))
     return 0
+
+
+_LS_COLUMNS = ["path", "modality", "body_part", "shape", "dtype", "spacing", "levels",
+               "bytes", "bytes_per_level", "source_format", "complete"]
+
+
+def _catalog_table(df, *, all_columns: bool) -> str:
+    """The catalog as text: lists joined, sizes in kB, the main columns unless chosen."""
+    df = df if all_columns else df[[c for c in _LS_COLUMNS if c in df.columns]]
+
+    def cell(column: str, value) -> str:
+        if isinstance(value, (list, tuple, np.ndarray)):
+            if column == "shape":
+                return "x".join(str(int(v)) for v in value)
+            if column == "bytes_per_level":
+                return "/".join(f"{v / 1e3:.0f}" for v in value) + " kB"
+            return ",".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value)
+        if column == "bytes" and value is not None:
+            return f"{int(value):,}"
+        return "" if value is None else str(value)
+
+    columns = {c: [cell(c, v) for v in df[c]] for c in df.columns}
+    widths = {c: max([len(c), *map(len, cells)]) for c, cells in columns.items()}
+    right = {"bytes", "levels", "n_chunks"}
+
+    def line(cells: dict[str, str]) -> str:
+        return "  ".join(v.rjust(widths[c]) if c in right else v.ljust(widths[c])
+                         for c, v in cells.items()).rstrip()
+
+    rows = [line({c: c for c in columns})]
+    rows += [line({c: columns[c][i] for c in columns}) for i in range(len(df))]
+    return "\n".join(rows)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -188,9 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_verify)
 
-    p = sub.add_parser("ls", help="list the images of a dataset root")
-    p.add_argument("dest", help="dataset root")
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p = sub.add_parser("ls", help="print the dataset's catalog (one row per image)")
+    p.add_argument("dest", help="dataset root (a path or URL; over plain HTTP it needs catalog.parquet)")
+    p.add_argument("--columns", help="comma-separated catalog columns to print (default: the main ones)")
+    p.add_argument("--refresh", action="store_true", help="rebuild the catalog by scanning the dataset")
+    p.add_argument("--failures", action="store_true",
+                   help="print the failure report (failures.csv) instead")
+    p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(func=_cmd_ls)
 
     p = sub.add_parser("catalog", help="(re)build the dataset's catalog.parquet")

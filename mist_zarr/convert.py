@@ -57,6 +57,10 @@ class Problem:
     source: str
     reason: str
     kind: str = "failed"  # "failed" (counts as an error), "skipped" (not an image, by design)
+    key: str = ""  # the source's identity (file path or unit key); default: ``source``
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.source
 
 
 @dataclass
@@ -216,7 +220,7 @@ def plan(
             kind = _sniff(path)
             if kind is None:
                 problems.append(Problem(str(path), "not a DICOM, NIfTI, PNG, JPEG or TIFF file",
-                                        kind="skipped"))
+                                        kind="skipped", key=str(path.resolve())))
             elif kind.startswith("dicom"):
                 dicom_files.append(path)
             else:
@@ -228,8 +232,10 @@ def plan(
         from .converters.dicom import scan_dicom
 
         scan = scan_dicom(dicom_files)
-        problems += [Problem(i.path, i.reason, kind="failed") for i in scan.rejected]
-        problems += [Problem(i.path, i.reason, kind="skipped") for i in scan.skipped]
+        problems += [Problem(i.path, i.reason, kind="failed", key=str(Path(i.path).resolve()))
+                     for i in scan.rejected]
+        problems += [Problem(i.path, i.reason, kind="skipped", key=str(Path(i.path).resolve()))
+                     for i in scan.skipped]
         for ref in scan.series:
             units.append(Unit("dicom", ref.key or ref.uid, list(ref.files), ref=ref))
     return units, problems
@@ -278,7 +284,7 @@ def iter_sources(
         try:
             yield from _read_unit(unit, max_bytes)
         except ValueError as exc:
-            problems.append(Problem(_label(unit), str(exc)))
+            problems.append(Problem(_label(unit), str(exc), key=unit.key))
 
 
 def _label(unit: Unit) -> str:
@@ -332,7 +338,7 @@ def read_unit(unit: Unit, dest: Any, options: _Options) -> Any:
     try:
         return _read_unit(unit, options.max_bytes)
     except (ValueError, OSError) as exc:
-        return Problem(_label(unit), str(exc))
+        return Problem(_label(unit), str(exc), key=unit.key)
 
 
 def write_unit(unit: Unit, dest: Any, options: _Options,
@@ -349,7 +355,7 @@ def write_unit(unit: Unit, dest: Any, options: _Options,
         try:
             results.append(_write_one(root, image.name, image, options))
         except (ValueError, TypeError, OSError) as exc:
-            problems.append(Problem(_label(unit), f"{image.name}: {exc}"))
+            problems.append(Problem(_label(unit), f"{image.name}: {exc}", key=unit.key))
     if not problems:
         _write_json(root.store_path.store,
                     f"{root.store_path.path}/{_marker_key(unit)}".strip("/"),
@@ -448,8 +454,25 @@ def convert(
                 collect(unit, write_unit(unit, dest, options, read))
     bar.close()
     _update_catalog(root, report)
+    _update_failures(root, report, units, options.run)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _update_failures(root: zarr.Group, report: ConvertReport, units: list[Unit], run: str) -> None:
+    """Record this run's refused/failed sources in failures.csv next to the catalog."""
+    from datetime import UTC, datetime
+
+    from .catalog import FAILURES, update_failures
+
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    seen = {u.key for u in units} | {str(Path(f).resolve()) for u in units for f in u.files}
+    rows = [{**asdict(p), "run": run, "time": now} for p in report.problems]
+    try:
+        update_failures(root, rows, seen)
+    except (OSError, ValueError, ImportError) as exc:
+        report.problems.append(Problem(f"{report.dest}/{FAILURES}",
+                                       f"failure report not written: {exc}"))
 
 
 def _update_catalog(root: zarr.Group, report: ConvertReport) -> None:
@@ -481,7 +504,7 @@ def _run_distributed(units, dest, options, workers, scheduler, collect, report) 
             try:
                 collect(unit, future.result())
             except Exception as exc:  # the task itself failed (e.g. worker killed too often)
-                collect(unit, ([], [Problem(_label(unit), f"task failed: {exc!r}")]))
+                collect(unit, ([], [Problem(_label(unit), f"task failed: {exc!r}", key=unit.key)]))
             future.release()
     finally:
         client.close()
@@ -622,7 +645,7 @@ def list_images(dest: Any, *, storage_options: dict[str, Any] | None = None) -> 
     rows = []
     with warnings.catch_warnings():
         # the dataset's own bookkeeping folders (.mist-done, .mist-tmp) are not zarr nodes
-        warnings.filterwarnings("ignore", message=r"Object at (\.mist-|catalog\.parquet)")
+        warnings.filterwarnings("ignore", message=r"Object at (\.mist-|catalog\.parquet|failures\.csv)")
         members = list(root.members(max_depth=None))
     for path, node in members:
         if not isinstance(node, zarr.Group) or ATTR not in node.attrs:
@@ -661,8 +684,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _json_default(o: Any) -> Any:  # pragma: no cover - used by the CLI
-    if isinstance(o, (np.integer, np.floating)):
+    if isinstance(o, (np.integer, np.floating, np.bool_)):
         return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
     raise TypeError(type(o))
 
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -111,9 +112,74 @@ def test_cli_convert_and_ls(tree, tmp_path):
     ls = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "ls", str(dest), "--json"],
                         capture_output=True, text=True)
     rows = json.loads(ls.stdout)
-    assert {"path", "modality", "shape", "dtype", "spacing", "source_format", "bytes"} <= set(rows[0])
+    # ls prints the catalog: its rows, every column, as mist_zarr.catalog returns them
+    assert rows == json.loads(json.dumps(mist_zarr.catalog(dest).to_dict("records")))
     assert sorted(r["modality"] for r in rows) == ["CR", "CT", "CT"]
-    assert rows == list_images(dest)
+    assert [r["path"] for r in rows] == [r["path"] for r in list_images(dest)]
+    assert all(len(r["bytes_per_level"]) == r["levels"] + 1 for r in rows)
     table = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "ls", str(dest)],
-                           capture_output=True, text=True).stdout
-    assert all(r["path"] in table for r in rows)
+                           capture_output=True, text=True).stdout.splitlines()
+    assert table[0].split()[:4] == ["path", "modality", "body_part", "shape"]
+    for r in rows:
+        line = next(t for t in table if t.startswith(r["path"] + " "))
+        assert "x".join(map(str, r["shape"])) in line and f"{r['bytes']:,}" in line
+    some = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "ls", str(dest), "--columns",
+                           "path,series_uid"], capture_output=True, text=True).stdout.splitlines()
+    assert some[0].split() == ["path", "series_uid"] and len(some) == len(rows) + 1
+    fails = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "ls", str(dest), "--failures",
+                            "--json"], capture_output=True, text=True)
+    failed = [f for f in json.loads(fails.stdout) if f["kind"] == "failed"]
+    assert [f["key"] for f in failed] == [str((tree / "b" / "broken.dcm").resolve())]
+    bad = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "ls", str(dest), "--columns",
+                          "path,nope"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "nope" in bad.stderr
+
+
+def test_failure_report_lists_refused_sources_and_follows_reruns(tmp_path):
+    """failures.csv next to the catalog: every refused file with its reason; a source
+    that converts on a rerun leaves it; sources of other runs stay."""
+    import nibabel as nib
+
+    from mist_zarr.catalog import FAILURE_COLUMNS, read_failures
+
+    src, other = tmp_path / "src", tmp_path / "other"
+    src.mkdir(), other.mkdir()
+    volume = np.arange(64 * 64 * 4, dtype=np.int16).reshape(64, 64, 4)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), src / "good.nii")
+    (src / "cut.nii").write_bytes((src / "good.nii").read_bytes()[:2000])
+    (src / "readme.txt").write_text("not an image")
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), other / "fine.nii")
+    (other / "empty.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    dest = tmp_path / "ds"
+
+    report = convert(src, dest)
+    assert not report.ok and len(report.converted) == 1
+    df = read_failures(dest)
+    assert list(df.columns) == list(FAILURE_COLUMNS)
+    by_key = {k: r for k, r in zip(df["key"], df.to_dict("records"))}
+    cut = by_key[str((src / "cut.nii").resolve())]
+    assert cut["kind"] == "failed" and "cut.nii" in cut["reason"] and cut["run"]
+    assert by_key[str((src / "readme.txt").resolve())]["kind"] == "skipped"
+    assert len(df) == 2
+
+    convert(other, dest)  # another folder: its failure is added, the earlier ones stay
+    assert sorted(Path(k).name for k in read_failures(dest)["key"]) == [
+        "cut.nii", "empty.png", "readme.txt"]
+
+    shutil.copy(src / "good.nii", src / "cut.nii")  # the source is repaired
+    again = convert(src, dest, skip_existing=True)
+    assert again.ok
+    assert sorted(Path(k).name for k in read_failures(dest)["key"]) == ["empty.png", "readme.txt"]
+    assert (dest / "catalog.parquet").exists() and (dest / "failures.csv").exists()
+
+
+def test_a_clean_run_writes_an_empty_failure_report(tmp_path):
+    import nibabel as nib
+
+    from mist_zarr.catalog import read_failures
+
+    (tmp_path / "src").mkdir()
+    nib.save(nib.Nifti1Image(np.ones((32, 32, 2), np.uint8), np.eye(4)), tmp_path / "src" / "a.nii")
+    assert convert(tmp_path / "src", tmp_path / "ds").ok
+    assert (tmp_path / "ds" / "failures.csv").read_text().startswith("key,source,kind,reason")
+    assert read_failures(tmp_path / "ds").empty

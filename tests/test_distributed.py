@@ -41,9 +41,15 @@ def check(dest: Path, expected: dict[str, np.ndarray]) -> None:
 
 
 def test_local_cluster_gives_the_same_dataset(tmp_path):
+    from mist_zarr.catalog import read_failures
+
     expected = make_tree(tmp_path / "src", 6)
+    broken = tmp_path / "src" / "site1" / "broken.nii.gz"
+    broken.write_bytes((tmp_path / "src" / "site0" / "vol00.nii.gz").read_bytes()[:5000])
     report = convert(tmp_path / "src", tmp_path / "ds", workers=2)
-    assert report.ok and len(report.converted) == 6
+    assert len(report.converted) == 6 and [p.key for p in report.failed] == [str(broken)]
+    failures = read_failures(tmp_path / "ds")  # the failure report next to the catalog
+    assert failures["key"].tolist() == [str(broken)] and "broken.nii.gz" in failures["reason"][0]
     check(tmp_path / "ds", expected)
     again = convert(tmp_path / "src", tmp_path / "ds", workers=2, skip_existing=True)
     assert [r.status for r in again.converted] == ["existing"] * 6
