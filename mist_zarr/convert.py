@@ -30,6 +30,7 @@ __all__ = ["ConvertReport", "DEFAULT_MAX_BYTES", "Problem", "SeriesResult", "Uni
            "iter_sources", "list_images", "plan", "read_unit", "run_unit", "write_unit"]
 
 DEFAULT_MAX_BYTES = 8 << 30  # refuse images whose header declares more than 8 GiB
+DEFAULT_BATCH_BYTES = 256 << 20  # larger DICOM stacks are read and written in slice batches
 DATASET_ATTR = "mist_dataset"
 TMP_DIR = ".mist-tmp"  # images being written; renamed into place when complete
 DONE_DIR = ".mist-done"  # one marker per converted source unit, written last
@@ -255,15 +256,19 @@ def _file_stem(rel: Path) -> str:
     return "/".join(parts)
 
 
-def _read_unit(unit: Unit, max_bytes: int) -> list[SourceImage]:
-    """Read a unit's images; raises ConversionError (or DicomError) naming it."""
+def _read_unit(unit: Unit, max_bytes: int, batch_bytes: int | None = None) -> list[SourceImage]:
+    """Read a unit's images; raises ConversionError (or DicomError) naming it.
+
+    With ``batch_bytes``, large DICOM stacks come back as LazyPlanes (read
+    in slice batches while they are written)."""
     if unit.kind != "dicom":
         image = _read_file(Path(unit.files[0]), unit.kind, max_bytes)
         image.name = unit.name
         return [image]
     from .converters.dicom import read_dicom_series
 
-    return [v.to_source_image() for v in read_dicom_series(unit.ref, max_bytes=max_bytes)]
+    return [v.to_source_image()
+            for v in read_dicom_series(unit.ref, max_bytes=max_bytes, batch_bytes=batch_bytes)]
 
 
 def iter_sources(
@@ -299,6 +304,7 @@ class _Options:
     alpha: int
     quantize: str | None
     max_bytes: int
+    batch_bytes: int | None
     threads: int | None
     run: str
     storage_options: dict[str, Any] | None
@@ -336,7 +342,7 @@ def read_unit(unit: Unit, dest: Any, options: _Options) -> Any:
             else:
                 return results
     try:
-        return _read_unit(unit, options.max_bytes)
+        return _read_unit(unit, options.max_bytes, options.batch_bytes)
     except (ValueError, OSError) as exc:
         return Problem(_label(unit), str(exc), key=unit.key)
 
@@ -388,6 +394,7 @@ def convert(
     alpha: int = 64,
     quantize: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    batch_bytes: int | None = DEFAULT_BATCH_BYTES,
     threads: int | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
@@ -402,6 +409,11 @@ def convert(
     processes; ``scheduler`` uses an existing cluster instead. Returns a
     :class:`ConvertReport`; never raises for a bad source file or series (it
     is reported), only for unusable arguments or an unwritable ``dest``.
+
+    Memory per image is bounded by ``batch_bytes``: a DICOM stack of
+    single-frame files that decodes to more is read and written in batches
+    of slices of at most that size (decoding each file twice); ``None``
+    reads every image whole. Files holding many frames are read whole.
     """
     import uuid
 
@@ -420,7 +432,7 @@ def convert(
         _clean_scratch(local)
     units, problems = plan(src, exclude=exclude)
     report.problems += problems
-    options = _Options(overwrite, skip_existing, alpha, quantize, max_bytes,
+    options = _Options(overwrite, skip_existing, alpha, quantize, max_bytes, batch_bytes,
                        threads if not (workers or scheduler) else (threads or 1),
                        uuid.uuid4().hex, storage_options)
 

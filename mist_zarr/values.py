@@ -117,13 +117,16 @@ def storage_dtype_for(lo: float, hi: float, *, headroom: bool) -> np.dtype | Non
 
 
 def choose_mapping(a: Any, *, quantize: str | np.dtype | None = None, levels: int = 0,
-                   name: str = "input") -> ValueMapping:
+                   name: str = "input", value_range: tuple[float, float] | None = None
+                   ) -> ValueMapping:
     """Pick the lossless (or explicitly quantised) storage for array ``a``.
 
     With ``levels`` > 0 integer samples are stored in a signed type with
     headroom for the reduced resolutions (see :func:`storage_dtype_for`),
     read back in their own dtype. Raises :class:`LossyInputError` explaining
     why when no exact mapping exists and ``quantize`` was not given.
+    ``value_range`` is the known (min, max) of integer samples; it saves a
+    pass over lazy data (it must be exact: values outside it may not fit).
     """
     dt = np.dtype(a.dtype)
     if dt.kind not in "iufb":
@@ -136,7 +139,9 @@ def choose_mapping(a: Any, *, quantize: str | np.dtype | None = None, levels: in
     if dt == np.bool_:
         lo, hi, finite, integral, negzero = 0.0, 1.0, True, True, False
     elif dt.kind in "iu":  # only the range matters for integers
-        if hasattr(a, "dask"):
+        if value_range is not None:
+            lo, hi = (float(v) for v in value_range)
+        elif hasattr(a, "dask"):
             import dask
 
             lo, hi = (float(v) for v in dask.compute(a.min(), a.max()))

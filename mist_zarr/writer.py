@@ -71,7 +71,10 @@ def _validate(data: Any, dims: Sequence[str] | None) -> tuple[str, ...]:
 
 def _blocks(data: Any, n_lead: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
     """Yield ``(leading offset, block)`` with whole planes, one block in memory at a time."""
-    if hasattr(data, "dask"):
+    if hasattr(data, "iter_batches"):  # LazyPlanes: batches along the first axis
+        for start, block in data.iter_batches():
+            yield (start,) + (0,) * (n_lead - 1), block
+    elif hasattr(data, "dask"):
         whole = {i: -1 for i in range(n_lead, data.ndim)}
         data = data.rechunk(whole)
         starts = [np.cumsum((0,) + c[:-1]) for c in data.chunks[:n_lead]]
@@ -108,7 +111,9 @@ def write_image(
     (default: scaling by spacing). ``levels`` defaults to
     ``ceil(log2(min(Y, X) / alpha))``. ``tile`` sets a square chunk edge in the
     plane (default: whole slices up to 8192 px). Chunks are encoded on
-    ``threads`` threads. The group is marked complete only after every chunk,
+    ``threads`` threads. Dask arrays and :class:`~mist_zarr.converters.base.LazyPlanes`
+    are written one block (batch of whole planes) at a time, so memory is
+    bounded by a block. The group is marked complete only after every chunk,
     the index and the checksums are written, so an interrupted write never
     reads as a finished image.
     """
@@ -130,7 +135,8 @@ def write_image(
             f"but the chunk plane is {chunk_plane}"
         )
     chunks = (1,) * iy + chunk_plane + tuple(shape[ix + 1 :])
-    mapping = choose_mapping(data, quantize=quantize, levels=n, name=str(dest))
+    mapping = choose_mapping(data, quantize=quantize, levels=n, name=str(dest),
+                             value_range=getattr(data, "value_range", None))
     if spacing is None:
         spacing = (1.0,) * len(dims)
     spacing = tuple(float(s) for s in spacing)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ConversionError", "SourceImage", "missing_dependency", "safe_name"]
+__all__ = ["ConversionError", "LazyPlanes", "SourceImage", "missing_dependency", "safe_name"]
 
 
 class ConversionError(ValueError):
@@ -41,6 +42,62 @@ class SourceImage:
         if self.warnings:
             meta["warnings"] = list(self.warnings)
         return meta
+
+
+class LazyPlanes:
+    """Samples read on demand in batches along the first axis, so that memory stays bounded.
+
+    ``read(start, stop)`` returns ``data[start:stop]``; ``batches`` lists the
+    ``(start, stop)`` ranges the writer takes one at a time; ``value_range``
+    is the (min, max) of all samples, known from an earlier pass (the writer
+    needs it before the first chunk, to choose the storage type).
+    ``numpy.asarray`` reads everything.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, batches: list[tuple[int, int]],
+                 read: Any, value_range: tuple[float, float]) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.batches = list(batches)
+        self.read = read
+        self.value_range = (float(value_range[0]), float(value_range[1]))
+        starts = [0] + [stop for _, stop in self.batches[:-1]]
+        if not self.batches or [a for a, _ in self.batches] != starts or \
+                self.batches[-1][1] != self.shape[0] or any(b <= a for a, b in self.batches):
+            raise ValueError(f"batches {self.batches} do not tile the first axis of {self.shape}")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def iter_batches(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, data[start:stop])`` for each batch, reading it then."""
+        for start, stop in self.batches:
+            block = self.read(start, stop)
+            if block.shape != (stop - start,) + self.shape[1:] or block.dtype != self.dtype:
+                raise ValueError(f"batch [{start}, {stop}) read as {block.dtype}{block.shape}, "
+                                 f"expected {self.dtype}{(stop - start,) + self.shape[1:]}")
+            # the storage type was chosen from value_range: a sample outside it
+            # would be stored wrongly, so a source that changed is refused
+            lo, hi = self.value_range
+            if block.size and (block.min() < lo or block.max() > hi):
+                raise ValueError(f"batch [{start}, {stop}) holds values in [{block.min()}, "
+                                 f"{block.max()}], outside the range [{lo:g}, {hi:g}] read "
+                                 "before: the source changed during conversion")
+            yield start, block
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        for start, block in self.iter_batches():
+            out[start : start + len(block)] = block
+        return out if dtype is None else out.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"LazyPlanes(shape={self.shape}, dtype={self.dtype}, batches={len(self.batches)})"
 
 
 def missing_dependency(package: str, extra: str | None = None) -> ImportError:

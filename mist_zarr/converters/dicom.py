@@ -71,6 +71,7 @@ Decisions (the reasons are in the principles of ``design.md``):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -87,6 +88,7 @@ from typing import Any, Union
 import numpy as np
 
 from . import _dicom_geometry as geom
+from .base import LazyPlanes
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -239,7 +241,7 @@ class DicomVolume:
     volumes of one read: copy before mutating.
     """
 
-    data: np.ndarray
+    data: np.ndarray | LazyPlanes
     dims: tuple[str, ...]
     spacing: tuple[float, ...]
     affine: np.ndarray
@@ -1705,7 +1707,10 @@ def _series_label(ref: SeriesRef) -> str:
 
 
 def read_dicom_series(
-    ref_or_files: SeriesRef | PathLike | Iterable[PathLike], *, max_bytes: int = DEFAULT_MAX_BYTES
+    ref_or_files: SeriesRef | PathLike | Iterable[PathLike],
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    batch_bytes: int | None = None,
 ) -> list[DicomVolume]:
     """Read one series (a SeriesRef, or files / folders holding exactly one series) into volumes.
 
@@ -1713,11 +1718,18 @@ def read_dicom_series(
     DicomError naming the file or series and the reason when a file is bad,
     the geometry is inconsistent, the pixels cannot be decoded losslessly,
     or the decoded size would exceed ``max_bytes`` (checked before decoding).
+
+    With ``batch_bytes``, a stack of single-frame files that decodes to more
+    than that is returned lazily, as :class:`~mist_zarr.converters.base.LazyPlanes`
+    read in batches of at most ``batch_bytes``: every file is decoded once
+    here (for its value range, photometric interpretation and lossy flags,
+    which the metadata needs) and once more when its batch is written, so
+    memory stays bounded by a batch, at the cost of a second decode.
     """
     ref, ignored = _resolve(ref_or_files)
     label = _series_label(ref)
     try:
-        return _read_series(ref, label, max_bytes, ignored)
+        return _read_series(ref, label, max_bytes, ignored, batch_bytes)
     except (DicomError, MemoryError, ImportError):
         raise
     except Exception as exc:
@@ -1763,7 +1775,7 @@ def dicom_sources(
 
 
 def _read_series(
-    ref: SeriesRef, label: str, max_bytes: int, ignored: list[str]
+    ref: SeriesRef, label: str, max_bytes: int, ignored: list[str], batch_bytes: int | None = None
 ) -> list[DicomVolume]:
     if not ref.files:
         raise DicomError(f"{label}: no files")
@@ -1794,7 +1806,9 @@ def _read_series(
             f"slices) which exceeds max_bytes={max_bytes}; refused before decoding"
         )
 
-    outputs: list[np.ndarray | None] = [None] * len(plans)
+    lazy = {pi for pi, plan in enumerate(plans)
+            if batch_bytes is not None and sizes[pi] > batch_bytes and _batchable(plan, files)}
+    outputs: list[Any] = [None] * len(plans)
     out_pi: list[set[str]] = [set() for _ in plans]
     extra_notes: list[list[str]] = [[] for _ in plans]
     extra_warn: list[list[str]] = [[] for _ in plans]
@@ -1803,6 +1817,7 @@ def _read_series(
     for pi, plan in enumerate(plans):
         for slot, f in enumerate(plan.frames):
             targets.setdefault(f.file, []).append((pi, slot, f))
+    ranges: dict[int, list[float]] = {pi: [np.inf, -np.inf] for pi in lazy}
     for fi in sorted(targets):
         info = files[fi]
         arr, pi_out, notes, caught, lossy_reason = _decode_file(info)
@@ -1813,6 +1828,19 @@ def _read_series(
             if lossy_reason:
                 lossy[pi].append(lossy_reason)
         for pi, slot, f in targets[fi]:
+            if pi in lazy:  # survey only: the pixels are decoded again when written
+                src = arr[f.index]
+                out = outputs[pi]
+                if out is None:
+                    outputs[pi] = out = (src.shape, src.dtype)
+                elif out != (src.shape, src.dtype):
+                    raise DicomError(
+                        f"{info.path}: decoded {src.dtype}{src.shape} differs from "
+                        f"{out[1]}{out[0]} of the other images of {label}"
+                    )
+                rng = ranges[pi]
+                rng[0], rng[1] = min(rng[0], float(src.min())), max(rng[1], float(src.max()))
+                continue
             src = arr[f.index]
             if f.tile is not None:
                 side, tr, tc = info.mosaic  # type: ignore[misc]
@@ -1828,6 +1856,16 @@ def _read_series(
                 )
             out[slot] = src
         del arr
+    for pi in lazy:
+        plane_shape, dtype = outputs[pi]
+        frames, lead = plans[pi].frames, plans[pi].lead
+        # batches of whole entries of the first axis (slices, or volumes of a time series)
+        inner = int(np.prod(lead[1:], dtype=np.int64))
+        step = max(1, batch_bytes // max(1, inner * int(np.prod(plane_shape)) * dtype.itemsize))
+        batches = [(a, min(a + step, lead[0])) for a in range(0, lead[0], step)]
+        reader = functools.partial(_read_frames, [files[f.file] for f in frames],
+                                   [f.index for f in frames], lead[1:], label)
+        outputs[pi] = LazyPlanes(lead + plane_shape, dtype, batches, reader, tuple(ranges[pi]))
 
     split = len(plans) > 1
     volumes = []
@@ -1838,8 +1876,10 @@ def _read_series(
             )
         data = outputs[pi]
         assert data is not None
-        colour = data.ndim == 4
-        data = data.reshape(plan.lead + data.shape[1:])
+        # (slices, rows, cols[, 3]) as decoded; lazy stacks carry their leading axes
+        colour = data.ndim - (len(plan.lead) if pi in lazy else 1) == 3
+        if pi not in lazy:  # lazy stacks have their leading axes already
+            data = data.reshape(plan.lead + data.shape[1:])
         dims = plan.dims + (("c",) if colour else ())
         volumes.append(
             _assemble(
@@ -1857,6 +1897,33 @@ def _read_series(
             )
         )
     return volumes
+
+
+def _batchable(plan: _Plan, files: list[_FileInfo]) -> bool:
+    """A stack that can be read in batches of slices: one frame per file, no mosaic."""
+    return (all(f.tile is None for f in plan.frames)
+            and all(files[f.file].n_frames == 1 for f in plan.frames)
+            and len({f.file for f in plan.frames}) == len(plan.frames))
+
+
+def _read_frames(infos: list[_FileInfo], frames: list[int], inner: tuple[int, ...], label: str,
+                 start: int, stop: int) -> np.ndarray:
+    """Decode entries ``start:stop`` of the first axis of a lazy stack (see
+    :func:`read_dicom_series`); ``inner`` is the shape of the other leading axes."""
+    n = int(np.prod(inner, dtype=np.int64))
+    first, last = start * n, stop * n
+    planes = []
+    for info, index in zip(infos[first:last], frames[first:last]):
+        try:
+            planes.append(_decode_file(info)[0][index])
+        except DicomError as exc:
+            raise DicomError(f"{label}: {exc} (while writing slices {first}-{last - 1})") from None
+    try:
+        block = np.stack(planes)
+    except ValueError as exc:
+        raise DicomError(f"{label}: slices {first}-{last - 1} changed since they were read "
+                         f"({exc})") from None
+    return block.reshape((stop - start, *inner) + block.shape[1:])
 
 
 def _unique(items: list[str]) -> list[str]:
