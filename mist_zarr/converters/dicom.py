@@ -1912,17 +1912,21 @@ def _read_frames(infos: list[_FileInfo], frames: list[int], inner: tuple[int, ..
     :func:`read_dicom_series`); ``inner`` is the shape of the other leading axes."""
     n = int(np.prod(inner, dtype=np.int64))
     first, last = start * n, stop * n
-    planes = []
-    for info, index in zip(infos[first:last], frames[first:last]):
+    block = None  # filled in place: a list of planes plus np.stack would hold the batch twice
+    for k, (info, index) in enumerate(zip(infos[first:last], frames[first:last])):
         try:
-            planes.append(_decode_file(info)[0][index])
+            plane = _decode_file(info)[0][index]
         except DicomError as exc:
             raise DicomError(f"{label}: {exc} (while writing slices {first}-{last - 1})") from None
-    try:
-        block = np.stack(planes)
-    except ValueError as exc:
-        raise DicomError(f"{label}: slices {first}-{last - 1} changed since they were read "
-                         f"({exc})") from None
+        if block is None:
+            block = np.empty((last - first,) + plane.shape, plane.dtype)
+        elif plane.shape != block.shape[1:] or plane.dtype != block.dtype:
+            raise DicomError(f"{info.path}: decoded {plane.dtype}{plane.shape} differs from "
+                             f"{block.dtype}{block.shape[1:]} read before: the file changed "
+                             f"(while writing slices {first}-{last - 1} of {label})")
+        block[k] = plane
+        del plane
+    assert block is not None
     return block.reshape((stop - start, *inner) + block.shape[1:])
 
 
