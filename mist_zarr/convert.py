@@ -438,16 +438,17 @@ def convert(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=sum(len(u.files) for u in units), unit="file", desc="convert",
-               disable=not progress, leave=False)
+    # one step per series (or non-DICOM file), whichever worker finished it
+    bar = tqdm(total=len(units), unit="series", desc="convert", disable=not progress,
+               leave=False)
 
     def collect(unit: Unit, outcome: tuple[list[SeriesResult], list[Problem]]) -> None:
         results, unit_problems = outcome
         report.converted += results
         report.problems += unit_problems
-        bar.update(len(unit.files))
-        bar.set_postfix_str(f"{len(report.converted)} images, "
-                            f"{report.bytes_in / 1e6:.0f} MB -> {report.bytes_out / 1e6:.0f} MB")
+        bar.update(1)
+        bar.set_postfix_str(f"{len(report.converted)} images, {len(report.failed)} failed, "
+                            f"{report.bytes_in / 1e6:.0f} MB in -> {report.bytes_out / 1e6:.0f} MB out")
 
     if workers or scheduler:
         _run_distributed(units, dest, options, workers, scheduler, collect, report)

@@ -116,3 +116,13 @@ def test_remote_destination_via_fsspec_memory():
         for name, data in expected.items():
             np.testing.assert_array_equal(mist_zarr.read_image(f"{dest}/{name}"), data)
         assert sorted(r["path"] for r in mist_zarr.list_images(dest)) == sorted(expected)
+
+
+def test_progress_bar_counts_series_done_across_workers(tmp_path):
+    make_tree(tmp_path / "src", 3, shape=(64, 64, 4))
+    run = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "convert", str(tmp_path / "src"),
+                          str(tmp_path / "ds"), "--workers", "2"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    states = [s for s in run.stderr.replace("\r", "\n").splitlines() if s.startswith("convert:")]
+    assert any("3/3" in s and "3 images, 0 failed" in s and "MB in ->" in s for s in states), states
+    assert any("1/3" in s for s in states) and "series" in states[-1]
