@@ -74,6 +74,7 @@ def _blocks(data: Any, n_lead: int) -> Iterator[tuple[tuple[int, ...], np.ndarra
     if hasattr(data, "iter_batches"):  # LazyPlanes: batches along the first axis
         for start, block in data.iter_batches():
             yield (start,) + (0,) * (n_lead - 1), block
+            del block  # one batch in memory: drop it before the next is read
     elif hasattr(data, "dask"):
         whole = {i: -1 for i in range(n_lead, data.ndim)}
         data = data.rechunk(whole)
@@ -253,7 +254,11 @@ def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write
     n_lead = iy
     workers = threads or min(32, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mist-encode") as pool:
-        for number, (offset, block) in enumerate(_blocks(data, n_lead)):
+        # no enumerate(): its reused result tuple would keep the previous block
+        # alive while the next one is read
+        number = -1
+        for offset, block in _blocks(data, n_lead):
+            number += 1
             futures = []
             for lead in np.ndindex(*block.shape[:n_lead]):
                 planes = block[lead]
@@ -272,4 +277,5 @@ def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write
                 f.result()
             if failures:
                 raise failures[0]
+            del block, planes, part, futures  # before the next block is read
     return target["group"]

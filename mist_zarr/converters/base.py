@@ -89,6 +89,7 @@ class LazyPlanes:
                                  f"{block.max()}], outside the range [{lo:g}, {hi:g}] read "
                                  "before: the source changed during conversion")
             yield start, block
+            del block  # not held while the next batch is read
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = np.empty(self.shape, self.dtype)
