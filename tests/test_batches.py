@@ -137,3 +137,19 @@ def test_dicom_errors_in_the_second_pass_name_the_slices(tmp_path):
     victim.write_bytes(victim.read_bytes()[:-1000])  # truncated after the survey
     with pytest.raises(DicomError, match=r"while writing slices \d+-\d+"):
         np.asarray(lazy.data)
+
+
+def test_convert_of_a_series_in_batches_holds_a_fraction_of_it(tmp_path):
+    """Python-traced memory (numpy arrays included) of a whole vs a batched convert."""
+    src = shared("ct", "CRLM-CT-1004")  # 41 x 512 x 512 int16: 20.5 MiB decoded
+    peaks = {}
+    for name, batch in (("whole", None), ("batched", 2 << 20)):
+        tracemalloc.start()
+        try:
+            assert convert(src, tmp_path / name, batch_bytes=batch, threads=2).ok
+            peaks[name] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    volume = 41 * 512 * 512 * 2
+    assert peaks["whole"] > volume  # the whole read holds the volume
+    assert peaks["batched"] < volume / 2, peaks
