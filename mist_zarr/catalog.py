@@ -300,9 +300,12 @@ def build_catalog(dataset: Any, *, storage_options: Mapping[str, Any] | None = N
     HTTP cannot be scanned; read its ``catalog.parquet`` with :func:`catalog`.
     Incomplete images are listed with ``complete`` False and no bytes.
     """
+    from .store import forget_listings
+
     store, prefix = _root(dataset, storage_options)
     if _sync(_read_json(store, _key(prefix, "zarr.json"))) is None:
         raise FileNotFoundError(f"{dataset}: no zarr.json: not a dataset root or image group")
+    forget_listings(store)  # list what is in the store now, not what this process saw before
     try:
         rows = _sync(_walk(store, prefix))
     except (NotImplementedError, FileNotFoundError) as exc:

@@ -654,7 +654,10 @@ def list_images(dest: Any, *, storage_options: dict[str, Any] | None = None) -> 
     """One row per mist-zarr image under the dataset root ``dest`` (sorted by path)."""
     import warnings
 
+    from .store import forget_listings
+
     root = zarr.open_group(dest, mode="r", zarr_format=3, storage_options=storage_options)
+    forget_listings(root.store_path.store)  # see what other processes wrote since a listing
     rows = []
     with warnings.catch_warnings():
         # the dataset's own bookkeeping folders (.mist-done, .mist-tmp) are not zarr nodes

@@ -30,7 +30,7 @@ from .codestream import is_boundary
 from .format import ATTR, IMAGE, INDEX, ImageInfo, IncompleteImageError
 from .layout import codec_config
 
-__all__ = ["MultiscaleStore", "PrefixError", "open_source_store"]
+__all__ = ["MultiscaleStore", "PrefixError", "forget_listings", "open_source_store"]
 
 _CHUNK_KEY = re.compile(r"^s(\d+)/" + IMAGE + r"/c((?:/\d+)+)$")
 _AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
@@ -59,6 +59,22 @@ def open_source_store(source: Any, storage_options: Mapping[str, Any] | None = N
             source, storage_options=dict(storage_options or {}), read_only=True
         )
     raise TypeError(f"expected a path, URL or zarr Store, found {type(source).__name__}")
+
+
+def forget_listings(store: Any) -> None:
+    """Drop the directory listings cached by the fsspec filesystem behind ``store``.
+
+    fsspec shares one filesystem instance per (options, thread) within a
+    process, and s3fs, gcsfs ... keep every listing they made for its
+    lifetime: a dataset listed once would go on hiding the images other
+    processes (workers, another convert) wrote to it since. Call before
+    listing a dataset to enumerate it.
+    """
+    fs = getattr(store, "fs", None)
+    for target in (fs, getattr(fs, "sync_fs", None)):  # sync_fs: AsyncFileSystemWrapper
+        invalidate = getattr(target, "invalidate_cache", None)
+        if invalidate is not None:
+            invalidate()
 
 
 def _json(doc: Mapping[str, Any]) -> bytes:
