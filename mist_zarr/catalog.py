@@ -478,7 +478,7 @@ FAILURE_COLUMNS: dict[str, str] = {
     "source": "the source as a person reads it: file, or 'key (n files, e.g. first file)'",
     "kind": "failed (a refused or broken source: an error) or skipped (not an image)",
     "reason": "why, naming the file or series",
-    "run": "id of the conversion run that found it",
+    "run": "id of the conversion run that first reported it (for this reason)",
     "time": "when that run ended (UTC, ISO 8601)",
 }
 
@@ -501,18 +501,27 @@ def update_failures(dataset: Any, rows: Iterable[Mapping[str, Any]], seen: Itera
     ``seen`` holds the keys of every source the run looked at (converted or
     not): their earlier rows are dropped, so a source that now converts
     leaves the table, while sources of earlier runs over other folders stay.
-    The file is replaced whole (see :func:`write_catalog`), and written even
-    when empty: its header alone says a run found nothing to report.
+    A source refused again for the same reason keeps its first ``run`` and
+    ``time``. The file is replaced whole (see :func:`write_catalog`) when its
+    content changes, and exists even when empty: its header alone says the
+    runs found nothing to report.
     """
     import pandas as pd
 
+    before = _get(dataset, storage_options, FAILURES)
     old = read_failures(dataset, storage_options=storage_options)
     rows = [{c: str(r.get(c, "")) for c in FAILURE_COLUMNS} for r in rows]
+    # a source refused again for the same reason keeps the run that first reported it
+    same = ["key", "source", "kind", "reason"]
+    first = {tuple(r[c] for c in same): r for r in old.to_dict("records")}
+    rows = [first.get(tuple(r[c] for c in same), r) for r in rows]
     drop = set(seen) | {r["key"] for r in rows}
     kept = old[~old["key"].isin(drop)] if len(old) else old
     df = pd.concat([kept, pd.DataFrame(rows, columns=list(FAILURE_COLUMNS))], ignore_index=True)
     df = df.sort_values(["kind", "key"], kind="stable", ignore_index=True)
-    _put(dataset, storage_options, FAILURES, df.to_csv(index=False).encode())
+    data = df.to_csv(index=False).encode()
+    if data != before:  # an unchanged report is not rewritten (a rerun writes nothing)
+        _put(dataset, storage_options, FAILURES, data)
     return df
 
 

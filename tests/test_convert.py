@@ -165,6 +165,12 @@ def test_failure_report_lists_refused_sources_and_follows_reruns(tmp_path):
     convert(other, dest)  # another folder: its failure is added, the earlier ones stay
     assert sorted(Path(k).name for k in read_failures(dest)["key"]) == [
         "cut.nii", "empty.png", "readme.txt"]
+    stamp, text = (dest / "failures.csv").stat().st_mtime_ns, (dest / "failures.csv").read_text()
+    rerun = convert(other, dest, skip_existing=True)  # the same refusal again
+    assert [p.key for p in rerun.failed] == [str((other / "empty.png").resolve())]
+    # it keeps the run that first reported it, and the file is not rewritten
+    assert (dest / "failures.csv").read_text() == text
+    assert (dest / "failures.csv").stat().st_mtime_ns == stamp
 
     shutil.copy(src / "good.nii", src / "cut.nii")  # the source is repaired
     again = convert(src, dest, skip_existing=True)
