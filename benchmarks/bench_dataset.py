@@ -62,17 +62,36 @@ def build_tree(data: Path, copies: int, root: Path) -> tuple[int, int]:
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM where /proc has it.
+
+    Not ``ru_maxrss``: on Linux a process started by fork + exec (vfork in
+    CPython) inherits in ``ru_maxrss`` the peak of the process that started it,
+    and a LocalCluster's nannies start the workers from this client process: a
+    worker's ``ru_maxrss`` is then at least the client's peak RSS at that time
+    (which grows with the tree built and converted before), not its own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def convert_on_cluster(src: Path, dest: Path, workers: int) -> dict:
-    """Convert with a fresh LocalCluster; peak RSS of each worker read before it closes."""
+    """Convert with a fresh LocalCluster, configured as ``convert(workers=N)`` configures
+    its own; peak RSS of each worker read before it closes."""
+    import dask
     from distributed import Client, LocalCluster
 
     import mist_zarr
+    from mist_zarr.convert import CLUSTER_CONFIG
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with dask.config.set(CLUSTER_CONFIG), LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True,
+            dashboard_address=None) as cluster, Client(cluster) as client:
         t0 = time.perf_counter()
         report = mist_zarr.convert(src, dest, scheduler=cluster.scheduler_address, alpha=ALPHA)
         seconds = time.perf_counter() - t0

@@ -55,6 +55,28 @@ def test_local_cluster_gives_the_same_dataset(tmp_path):
     assert [r.status for r in again.converted] == ["existing"] * 6
 
 
+def test_own_cluster_runs_workers_without_the_profiler(tmp_path, monkeypatch):
+    # the worker's statistical profiler keeps a call tree per second of work:
+    # worker memory would grow with the number of series converted
+    import distributed
+
+    seen = []
+
+    class Recording(distributed.LocalCluster):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            with distributed.Client(self) as client:
+                seen.extend(client.run(
+                    lambda dask_worker: "profile" in dask_worker.periodic_callbacks).values())
+
+    monkeypatch.setattr(distributed, "LocalCluster", Recording)
+    expected = make_tree(tmp_path / "src", 2)
+    report = convert(tmp_path / "src", tmp_path / "ds", workers=2)
+    assert report.ok and len(report.converted) == 2
+    assert seen == [False, False]
+    check(tmp_path / "ds", expected)
+
+
 def test_sigkill_midway_then_rerun_completes_everything_once(tmp_path):
     expected = make_tree(tmp_path / "src", 12)
     cmd = [sys.executable, "-m", "mist_zarr.cli", "convert", str(tmp_path / "src"),
