@@ -626,6 +626,29 @@ def _local_root(root: zarr.Group) -> Path | None:
     return None
 
 
+def _make_scratch(root: Path) -> Path:
+    """Create a private folder under ``root/.mist-tmp`` for one image being written.
+
+    Other writers remove ``.mist-tmp`` whenever they leave it empty, so it
+    can vanish between creating it and creating the folder inside: retry.
+    """
+    import uuid
+
+    scratch = root / TMP_DIR / f"{os.getpid()}-{uuid.uuid4().hex}"
+    for attempt in range(100):
+        try:
+            os.makedirs(scratch)
+            return scratch
+        except FileNotFoundError:  # .mist-tmp removed in between
+            if attempt == 99:
+                raise
+        except FileExistsError:
+            if not (root / TMP_DIR).is_dir():  # removed after os.makedirs saw it
+                continue
+            raise
+    raise AssertionError("unreachable")
+
+
 def _write_and_rename(root: Path, name: str, data: Any, kwargs: dict[str, Any],
                       *, replace: bool) -> ImageInfo:
     """Write into a private folder of the dataset, then rename it into place.
@@ -637,8 +660,7 @@ def _write_and_rename(root: Path, name: str, data: Any, kwargs: dict[str, Any],
     import shutil
     import uuid
 
-    scratch = root / TMP_DIR / f"{os.getpid()}-{uuid.uuid4().hex}"
-    scratch.parent.mkdir(parents=True, exist_ok=True)
+    scratch = _make_scratch(root)
     target = root / name
     try:
         info = write_image(scratch, data, **kwargs)

@@ -52,6 +52,19 @@ def open_image(
     return group, info
 
 
+def member(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of an image group; FileNotFoundError naming it when absent
+    (a damaged group, or one removed or replaced since it was opened)."""
+    try:
+        return group[name]
+    except KeyError:
+        where = group.store_path
+        raise FileNotFoundError(
+            f"{where}: the image group has no {name!r} array (the image was removed or "
+            "replaced while it was being opened, or the group is damaged)"
+        ) from None
+
+
 class ChecksumError(ValueError):
     """Decoded samples differ from the checksum written with them: the chunk is
     damaged, or the image was replaced while it was being read."""
@@ -67,8 +80,8 @@ def read_image(source: Any, *, threads: int | None = None, verify: bool = True,
     returning wrong samples. It costs 4-8 % of the read time (CT, one thread).
     """
     group, info = open_image(source, **kwargs)
-    image = group[IMAGE]
-    crcs = group[CHECKSUM][...] if verify else None
+    image = member(group, IMAGE)
+    crcs = member(group, CHECKSUM)[...] if verify else None
     if _store_supports_sync_io(image.store_path.store):
         stored = _read_direct(image, info, threads, crcs)
     else:
@@ -144,9 +157,9 @@ def _group(source: Any) -> zarr.Group:
 def read_index(source: Any) -> np.ndarray:
     """Prefix index of an image (group, path, URL or store): bytes per chunk (leading
     axes) per level (last axis); a row of zeros marks a chunk that was not written."""
-    return _group(source)[INDEX][...]
+    return member(_group(source), INDEX)[...]
 
 
 def read_checksums(source: Any) -> np.ndarray:
     """CRC32C of each chunk's stored samples (little-endian, C order, padded chunk)."""
-    return _group(source)[CHECKSUM][...]
+    return member(_group(source), CHECKSUM)[...]

@@ -73,3 +73,34 @@ def test_reader_sees_the_old_or_the_new_image_never_a_partial_one(tmp_path):
         reader.join()
     assert not errors, errors[:3]
     assert set(seen) == {0, 1}, "the reader should have seen both versions"
+
+
+
+def test_scratch_folders_are_made_while_others_remove_the_shared_parent(tmp_path):
+    """Writers remove .mist-tmp whenever they leave it empty; one creating its own scratch
+    inside at that moment must not fail (seen with 2 dask workers: "File exists")."""
+    import os
+
+    from mist_zarr.convert import TMP_DIR, _make_scratch
+
+    shared = tmp_path / TMP_DIR
+    stop = threading.Event()
+
+    def other_writers() -> None:  # create and remove the shared folder as fast as possible
+        while not stop.is_set():
+            for op in (os.mkdir, os.rmdir):
+                try:
+                    op(shared)
+                except OSError:
+                    pass
+
+    hammer = threading.Thread(target=other_writers)
+    hammer.start()
+    try:
+        for _ in range(2000):  # the unprotected mkdir-then-check failed ~12 times in 3000
+            scratch = _make_scratch(tmp_path)
+            assert scratch.is_dir() and scratch.parent == shared
+            os.rmdir(scratch)
+    finally:
+        stop.set()
+        hammer.join()

@@ -283,3 +283,14 @@ def test_direct_read_equals_zarr_read(tmp_path):
         zarr_read = zarr.open_array(tmp_path / name / "image", mode="r")[...]
         np.testing.assert_array_equal(zarr_read, a)
         np.testing.assert_array_equal(mist_zarr.read_image(tmp_path / name, threads=3), a)
+
+
+@pytest.mark.parametrize("missing", ["index", "checksum", "image"])
+def test_a_group_without_one_of_its_arrays_names_it(tmp_path, missing):
+    import shutil
+
+    mist_zarr.write_image(tmp_path / "img", np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+    shutil.rmtree(tmp_path / "img" / missing)
+    read = mist_zarr.read_index if missing == "index" else mist_zarr.read_image
+    with pytest.raises(FileNotFoundError, match=f"no '{missing}' array"):
+        read(tmp_path / "img")
