@@ -15,7 +15,7 @@ pydicom stack once.
 
 Run from the repository root::
 
-    python benchmarks/bench_memory.py [--copies 20] [--batch 256 64] [--repeat 3]
+    python benchmarks/bench_memory.py [--copies 20] [--batch 256 64] [--repeat 3] [--syntax j2k]
 """
 
 from __future__ import annotations
@@ -31,16 +31,16 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import zarr
-from pydicom.uid import generate_uid
+from pydicom.uid import JPEG2000Lossless, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_model, memory_gib, package_versions  # noqa: E402
 from bench_convert import DEFAULT_DATA, find_mist_zarr, measure  # noqa: E402
 
-SERIES = "ct/CRLM-CT-1004"
+SERIES = "ct/CRLM-CT-1004"  # native little endian; --syntax j2k recompresses it losslessly
 
 
-def build_series(data: Path, copies: int, root: Path) -> tuple[int, int]:
+def build_series(data: Path, copies: int, root: Path, syntax: str = "native") -> tuple[int, int]:
     """One series of ``copies`` stacked copies of SERIES under ``root``; (files, decoded bytes)."""
     sources = sorted((data / SERIES).glob("*.dcm"),
                      key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True)
@@ -63,6 +63,8 @@ def build_series(data: Path, copies: int, root: Path) -> tuple[int, int]:
             ds.ImagePositionPatient = ipp
             if "SliceLocation" in ds:
                 ds.SliceLocation = ipp[2]
+            if syntax == "j2k":  # JPEG 2000 lossless, encoded by pylibjpeg-openjpeg
+                ds.compress(JPEG2000Lossless)
             ds.save_as(root / f"{n:05d}.dcm")
             decoded += ds.Rows * ds.Columns * 2
     return copies * len(sources), decoded
@@ -80,14 +82,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=float, nargs="+", default=[256, 64],
                         help="--batch-mb values to compare with 0 (whole)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--syntax", choices=["native", "j2k"], default="native",
+                        help="transfer syntax of the built series: the second decode of a "
+                             "batched read costs more for compressed files")
     args = parser.parse_args(argv)
     exe = find_mist_zarr()
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {memory_gib():.0f} GiB; "
           + ", ".join(package_versions(["mist-zarr", "zarr", "imagecodecs", "pydicom"])))
     with tempfile.TemporaryDirectory(prefix="mist-bench-memory-") as tmp:
         work = Path(tmp)
-        files, decoded = build_series(args.data, args.copies, work / "series")
-        print(f"one series: {files} slices, {decoded / 1e6:.0f} MB decoded int16")
+        files, decoded = build_series(args.data, args.copies, work / "series", args.syntax)
+        print(f"one series: {files} slices ({args.syntax}), {decoded / 1e6:.0f} MB decoded int16")
         batches = [0.0, *args.batch]
         runs: dict[float, list] = {b: [] for b in batches}
         reference = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +18,7 @@ __all__ = [
     "level_shape",
     "num_levels",
     "plane_axes",
+    "resolutions_for",
     "tile_shape",
 ]
 
@@ -83,6 +85,32 @@ def level_shape(shape: Sequence[int], dims: Sequence[str], k: int) -> tuple[int,
     return tuple(out)
 
 
+@functools.cache
+def _resolutions_offset() -> int:
+    """How the installed imagecodecs counts ``resolutions``: 0 when it means the
+    number of decompositions (up to 2026.10), 1 when it means resolution levels,
+    i.e. decompositions + 1 (2026.11 on). Found by encoding a tiny probe once."""
+    import imagecodecs
+    import numpy as np
+
+    from .codestream import prefix_lengths
+
+    probe = imagecodecs.htj2k_encode(
+        np.zeros((8, 8), np.uint8), reversible=True, resolutions=2, prog_order="RPCL",
+        tilepart="RESOLUTIONS", tlm=True)
+    decompositions = len(prefix_lengths(probe)) - 1
+    if decompositions not in (1, 2):
+        raise RuntimeError(f"imagecodecs {imagecodecs.__version__} coded resolutions=2 with "
+                           f"{decompositions} decompositions; expected 1 or 2")
+    return 2 - decompositions
+
+
+def resolutions_for(levels: int) -> int:
+    """The ``resolutions`` value that makes the installed imagecodecs code ``levels``
+    wavelet decompositions (see :func:`_resolutions_offset`)."""
+    return levels + _resolutions_offset()
+
+
 def codec_config(levels: int, *, skipres: int | None = None) -> dict[str, Any]:
     """JSON configuration of the ``imagecodecs_htj2k`` codec for ``levels`` levels.
 
@@ -91,7 +119,7 @@ def codec_config(levels: int, *, skipres: int | None = None) -> dict[str, Any]:
     """
     cfg: dict[str, Any] = {
         "reversible": True,
-        "resolutions": levels,
+        "resolutions": resolutions_for(levels),
         "prog_order": "RPCL",
         "block_size": list(BLOCK_SIZE),
         "tilepart": "RESOLUTIONS",

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mist_zarr.codestream import CodestreamError, is_boundary, parse_codestream, prefix_lengths
-from mist_zarr.layout import encode_kwargs, num_levels
+from mist_zarr.layout import encode_kwargs, num_levels, resolutions_for
 
 
 def encode(a: np.ndarray, levels: int) -> bytes:
@@ -71,11 +71,13 @@ def test_truncated_and_foreign_streams_are_refused():
 
 def test_layout_other_than_rpcl_by_resolution_is_refused():
     a = np.zeros((128, 128), np.uint8)
-    lrcp = imagecodecs.htj2k_encode(a, reversible=True, resolutions=1, prog_order="LRCP",
+    lrcp = imagecodecs.htj2k_encode(a, reversible=True, resolutions=resolutions_for(1),
+                                     prog_order="LRCP",
                                      tilepart=imagecodecs.HTJ2K.TILEPART.RESOLUTIONS, tlm=True)
     with pytest.raises(CodestreamError, match="RPCL"):
         prefix_lengths(lrcp)
-    one_part = imagecodecs.htj2k_encode(a, reversible=True, resolutions=1, prog_order="RPCL")
+    one_part = imagecodecs.htj2k_encode(a, reversible=True, resolutions=resolutions_for(1),
+                                        prog_order="RPCL")
     with pytest.raises(CodestreamError, match="tile-parts"):
         prefix_lengths(one_part)
 
@@ -104,3 +106,13 @@ def test_mutated_streams_parse_or_raise_codestream_error(data):
     except CodestreamError:
         return
     assert all(off + n <= cs.length for off, n in cs.tile_parts)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3, 5])
+def test_resolutions_follow_the_installed_imagecodecs(levels):
+    """imagecodecs changed what ``resolutions`` counts (decompositions up to 2026.10,
+    resolution levels from 2026.11): the configuration must give ``levels`` either way."""
+    a = np.zeros((256, 256), np.uint8)
+    assert len(prefix_lengths(encode(a, levels))) == levels + 1
+    cs = parse_codestream(encode(a, levels))
+    assert cs.levels == levels
