@@ -200,7 +200,6 @@ def _restore_mode(plane: np.ndarray, info: ImageInfo) -> np.ndarray:
 
 def _export_pictures(store: Any, info: ImageInfo, k: int, out: Path, fmt: str, *,
                      window: Sequence[float] | None, bits: int | None) -> ExportResult:
-    import imagecodecs
     from PIL import Image, PngImagePlugin
 
     from .access import open as open_level
@@ -260,7 +259,11 @@ def _export_pictures(store: Any, info: ImageInfo, k: int, out: Path, fmt: str, *
             else:
                 _save_png16(path, pic, text)
         else:
-            imagecodecs.imwrite(path, pic, codec="jpeg8", level=90)
+            if pic.ndim == 3 and pic.shape[-1] == 4:  # JPEG has no alpha channel
+                pic = pic[..., :3]
+                if "alpha channel dropped (JPEG has none)" not in notes:
+                    notes.append("alpha channel dropped (JPEG has none)")
+            Image.fromarray(np.ascontiguousarray(pic)).save(path, quality=90)
         files.append(str(path))
     return ExportResult(fmt, k, files, notes)
 

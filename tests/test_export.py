@@ -84,7 +84,23 @@ def test_png_sourced_image_exports_its_original_mode(tmp_path):
     result = export(tmp_path / "ds" / "x", tmp_path / "out", format="png")
     np.testing.assert_array_equal(np.asarray(Image.open(result.files[0])), rgba)
     jpg = export(tmp_path / "ds" / "x", tmp_path / "jpg", format="jpeg", size=100)
-    assert Image.open(jpg.files[0]).size == (160, 128) and jpg.level == 1
+    picture = Image.open(jpg.files[0])
+    # grey RGB with opaque alpha is stored as one grey channel: the JPEG is grey
+    assert picture.size == (160, 128) and jpg.level == 1 and picture.mode == "L"
+    level = mist_zarr.open(tmp_path / "ds" / "x", scale=1).values.astype(int)
+    assert np.abs(np.asarray(picture).astype(int) - level).mean() < 3  # quality 90
+
+
+def test_jpeg_export_of_rgba_drops_alpha_and_says_so(tmp_path):
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (96, 128, 4), dtype=np.uint8)
+    rgba[..., :3] = np.linspace(0, 255, 128, dtype=np.uint8)[None, :, None]  # smooth colour
+    Image.fromarray(rgba).save(tmp_path / "c.png")
+    assert convert(tmp_path / "c.png", tmp_path / "ds").ok
+    jpg = export(tmp_path / "ds" / "c", tmp_path / "jpg", format="jpeg")
+    picture = Image.open(jpg.files[0])
+    assert picture.mode == "RGB" and "alpha channel dropped (JPEG has none)" in jpg.notes
+    assert np.abs(np.asarray(picture).astype(int) - rgba[..., :3].astype(int)).mean() < 3
 
 
 @pytest.mark.parametrize("source,target", [("nifti", "dicom"), ("png", "nifti"),
