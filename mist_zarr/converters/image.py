@@ -108,7 +108,7 @@ def read_image_file(path: str | Path, *, max_bytes: int | None = None) -> Source
 
                     meta["exif"] = {TAGS.get(k, str(k)): _jsonable(v) for k, v in exif.items()}
             raw = path.read_bytes()
-            data = imagecodecs.png_decode(raw) if fmt == "png" else imagecodecs.jpeg8_decode(raw)
+            data = imagecodecs.png_decode(raw) if fmt == "png" else imagecodecs.jpeg_decode(raw)
     except ConversionError:
         raise
     except Exception as exc:
