@@ -475,6 +475,8 @@ def convert(
                     if i + 1 < len(units) else None
                 collect(unit, write_unit(unit, dest, options, read))
     bar.close()
+    if local is not None:  # scratch left by workers killed during this run
+        _clean_scratch(local)
     _update_catalog(root, report)
     _update_failures(root, report, units, options.run)
     report.seconds = time.perf_counter() - t0
@@ -543,16 +545,28 @@ def _run_distributed(units, dest, options, workers, scheduler, collect, report) 
 
 
 def _clean_scratch(root: Path) -> None:
-    """Remove scratch folders of conversions whose process is gone (killed, crashed)."""
+    """Remove scratch folders of writers on this host whose process is gone (killed,
+    crashed). Folders are named ``host-pid-uuid``: other hosts' writers (a cluster
+    on a shared file system) are not judged by this host's process table."""
     import shutil
+    import socket
 
     scratch = root / TMP_DIR
     if not scratch.is_dir():
         return
+    host = socket.gethostname()
     for entry in scratch.iterdir():
-        pid = entry.name.split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        parts = entry.name.removesuffix("-old").rsplit("-", 2)  # -old: a replaced image
+        if len(parts) == 3 and parts[1] != "old":
+            where, pid = parts[0], parts[1]
+        else:  # written before host names were recorded: pid-uuid or pid-old-uuid
+            where, pid = host, parts[0]
+        if where == host and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
+    try:  # leave no empty scratch folder behind
+        scratch.rmdir()
+    except OSError:
+        pass
 
 
 def _alive(pid: int) -> bool:
@@ -634,7 +648,9 @@ def _make_scratch(root: Path) -> Path:
     """
     import uuid
 
-    scratch = root / TMP_DIR / f"{os.getpid()}-{uuid.uuid4().hex}"
+    import socket
+
+    scratch = root / TMP_DIR / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
     for attempt in range(100):
         try:
             os.makedirs(scratch)
@@ -658,7 +674,6 @@ def _write_and_rename(root: Path, name: str, data: Any, kwargs: dict[str, Any],
     finds it in place and, unless ``replace``, reports it as already there.
     """
     import shutil
-    import uuid
 
     scratch = _make_scratch(root)
     target = root / name
@@ -675,7 +690,7 @@ def _write_and_rename(root: Path, name: str, data: Any, kwargs: dict[str, Any],
             if existing is not None and existing.complete and not replace:
                 raise ConversionError("already converted (by a concurrent conversion); pass "
                                       "overwrite to replace it") from None
-            retired = root / TMP_DIR / f"{os.getpid()}-old-{uuid.uuid4().hex}"
+            retired = scratch.with_name(f"{scratch.name}-old")
             os.rename(target, retired)
             os.rename(scratch, target)
             shutil.rmtree(retired, ignore_errors=True)

@@ -197,6 +197,9 @@ def _find_images(root: Path) -> list[Path]:
     images = []
     for dirpath, dirs, files in os.walk(root):
         here = Path(dirpath)
+        # a dataset's bookkeeping: images being written (or left by a killed
+        # writer, removed by the next convert) and completion markers
+        dirs[:] = [d for d in dirs if d not in (".mist-tmp", ".mist-done")]
         if "zarr.json" not in files:
             continue
         if _is_image(here) or {IMAGE, INDEX} <= set(dirs):

@@ -104,3 +104,25 @@ def test_scratch_folders_are_made_while_others_remove_the_shared_parent(tmp_path
     finally:
         stop.set()
         hammer.join()
+
+
+def test_scratch_of_dead_writers_on_this_host_is_removed_and_nothing_else(tmp_path):
+    import os
+    import socket
+
+    from mist_zarr.convert import TMP_DIR, _clean_scratch
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that is no longer running
+    host = socket.gethostname()
+    names = {
+        f"{host}-{dead.pid}-aaaa": False,  # killed writer here: removed
+        f"{host}-{dead.pid}-bbbb-old": False,  # the image it was replacing: removed
+        f"{dead.pid}-cccc": False,  # written by an older version (no host): removed
+        f"{host}-{os.getpid()}-dddd": True,  # a live writer: kept
+        f"other-host.example-{dead.pid}-eeee": True,  # another host's writer: not ours to judge
+    }
+    for name in names:
+        (tmp_path / TMP_DIR / name).mkdir(parents=True)
+    _clean_scratch(tmp_path)
+    assert {p.name for p in (tmp_path / TMP_DIR).iterdir()} == {n for n, keep in names.items() if keep}

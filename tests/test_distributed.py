@@ -123,6 +123,7 @@ def test_a_killed_worker_does_not_lose_or_duplicate_series(tmp_path):
         killer.join()
     assert killed, "the worker was not killed"
     assert report.ok, report.summary()
+    assert not (tmp_path / "ds" / ".mist-tmp").exists()  # the killed worker's scratch is gone
     check(tmp_path / "ds", expected)
 
 
