@@ -337,7 +337,7 @@ def run_unit(unit: Unit, dest: Any, options: _Options) -> tuple[list[SeriesResul
 def read_unit(unit: Unit, dest: Any, options: _Options) -> Any:
     """The reading half of :func:`run_unit`: the unit's images, or its finished results
     (completion marker found with ``skip_existing``), or the Problem that refused it."""
-    root = zarr.open_group(dest, mode="a", zarr_format=3, storage_options=options.storage_options)
+    root = _open_root(dest, options.storage_options)
     if options.skip_existing:
         done = _read_json(root.store_path.store,
                           f"{root.store_path.path}/{_marker_key(unit)}".strip("/"))
@@ -364,7 +364,7 @@ def write_unit(unit: Unit, dest: Any, options: _Options,
         return [], [read]
     if read and isinstance(read[0], SeriesResult):
         return read, []
-    root = zarr.open_group(dest, mode="a", zarr_format=3, storage_options=options.storage_options)
+    root = _open_root(dest, options.storage_options)
     results, problems = [], []
     for image in read:
         image.metadata["source_key"] = unit.key
@@ -378,6 +378,20 @@ def write_unit(unit: Unit, dest: Any, options: _Options,
                     {"key": unit.key, "images": [r.path for r in results],
                      "files": len(unit.files), "run": options.run})
     return results, problems
+
+
+def _open_root(dest: Any, storage_options: dict[str, Any] | None) -> zarr.Group:
+    """The dataset root, created if missing; two conversions may create it at once."""
+    from zarr.errors import ContainsGroupError
+
+    for attempt in range(5):
+        try:
+            return zarr.open_group(dest, mode="a", zarr_format=3, storage_options=storage_options)
+        except ContainsGroupError:  # created by another process between look and create
+            if attempt == 4:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
 
 
 def _read_json(store: Any, key: str) -> dict[str, Any] | None:
@@ -434,7 +448,7 @@ def convert(
         "://" not in str(dest) else None
     dest = str(dest) if isinstance(dest, os.PathLike) else dest
     report = ConvertReport(dest=str(dest))
-    root = zarr.open_group(dest, mode="a", zarr_format=3, storage_options=storage_options)
+    root = _open_root(dest, storage_options)
     if DATASET_ATTR not in root.attrs:
         root.attrs[DATASET_ATTR] = {"format": "mist-zarr-dataset", "format_version": FORMAT_VERSION}
     local = _local_root(root)
@@ -677,23 +691,21 @@ def _make_scratch(root: Path) -> Path:
     Other writers remove ``.mist-tmp`` whenever they leave it empty, so it
     can vanish between creating it and creating the folder inside: retry.
     """
+    import socket
     import uuid
 
-    import socket
-
     scratch = root / TMP_DIR / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
-    for attempt in range(100):
+    deadline = time.monotonic() + 30  # each retry means another writer made progress
+    while True:
         try:
             os.makedirs(scratch)
             return scratch
         except FileNotFoundError:  # .mist-tmp removed in between
-            if attempt == 99:
+            if time.monotonic() > deadline:
                 raise
         except FileExistsError:
-            if not (root / TMP_DIR).is_dir():  # removed after os.makedirs saw it
-                continue
-            raise
-    raise AssertionError("unreachable")
+            if (root / TMP_DIR).is_dir() or time.monotonic() > deadline:
+                raise  # (is_dir False: removed after os.makedirs saw it; retry)
 
 
 def _write_and_rename(root: Path, name: str, data: Any, kwargs: dict[str, Any],

@@ -126,3 +126,23 @@ def test_scratch_of_dead_writers_on_this_host_is_removed_and_nothing_else(tmp_pa
         (tmp_path / TMP_DIR / name).mkdir(parents=True)
     _clean_scratch(tmp_path)
     assert {p.name for p in (tmp_path / TMP_DIR).iterdir()} == {n for n, keep in names.items() if keep}
+
+
+
+def test_concurrent_converts_may_create_the_dataset_root_at_once(tmp_path):
+    """Both look for the new root, find none and create it: the later one must open it.
+    (Six threads per new root; plain zarr.open_group(mode="a") failed 18 of 240 opens.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mist_zarr.convert import _open_root
+
+    for r in range(30):
+        barrier = threading.Barrier(6)
+
+        def open_at_once(path=tmp_path / f"ds{r}", barrier=barrier):
+            barrier.wait()
+            return _open_root(str(path), None)
+
+        with ThreadPoolExecutor(6) as pool:
+            roots = [f.result() for f in [pool.submit(open_at_once) for _ in range(6)]]
+        assert all(root.store_path.store.root == roots[0].store_path.store.root for root in roots)
