@@ -189,3 +189,17 @@ def test_a_clean_run_writes_an_empty_failure_report(tmp_path):
     assert convert(tmp_path / "src", tmp_path / "ds").ok
     assert (tmp_path / "ds" / "failures.csv").read_text().startswith("key,source,kind,reason")
     assert read_failures(tmp_path / "ds").empty
+
+
+def test_file_url_destination(tmp_path):
+    import nibabel as nib
+
+    volume = np.arange(64 * 64 * 3, dtype=np.int16).reshape(64, 64, 3)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "a.nii.gz")
+    url = f"file://{tmp_path}/ds"
+    assert convert(tmp_path / "a.nii.gz", url).ok
+    np.testing.assert_array_equal(mist_zarr.read_image(tmp_path / "ds" / "a"), volume.T)
+    assert mist_zarr.catalog(url)["path"].tolist() == ["a"]
+    again = convert(tmp_path / "a.nii.gz", url, skip_existing=True)
+    assert [r.status for r in again.converted] == ["existing"]
+    assert (tmp_path / "ds" / "failures.csv").exists()
