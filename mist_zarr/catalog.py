@@ -493,9 +493,12 @@ FAILURE_COLUMNS: dict[str, str] = {
 def read_failures(dataset: Any, *, storage_options: Mapping[str, Any] | None = None
                   ) -> pd.DataFrame:
     """The dataset's ``failures.csv`` as a frame (no rows when there is none)."""
+    return _failures_frame(_get(dataset, storage_options, FAILURES))
+
+
+def _failures_frame(data: bytes | None) -> pd.DataFrame:
     import pandas as pd
 
-    data = _get(dataset, storage_options, FAILURES)
     if data is None:
         return pd.DataFrame({c: pd.Series(dtype=str) for c in FAILURE_COLUMNS})
     return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
@@ -516,7 +519,7 @@ def update_failures(dataset: Any, rows: Iterable[Mapping[str, Any]], seen: Itera
     import pandas as pd
 
     before = _get(dataset, storage_options, FAILURES)
-    old = read_failures(dataset, storage_options=storage_options)
+    old = _failures_frame(before)
     rows = [{c: str(r.get(c, "")) for c in FAILURE_COLUMNS} for r in rows]
     # a source refused again for the same reason keeps the run that first reported it
     same = ["key", "source", "kind", "reason"]

@@ -782,20 +782,6 @@ def list_images(dest: Any, *, storage_options: dict[str, Any] | None = None) -> 
     return sorted(rows, key=lambda r: r["path"])
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A human-readable table of :func:`list_images` rows."""
-    width = max([len(r["path"]) for r in rows] + [4])
-    out = [f"{'path':<{width}}  {'mod':<4} {'shape':<18} {'dtype':<7} {'spacing':<20} "
-           f"{'source':<6} {'bytes':>12}"]
-    for r in rows:
-        shape = "x".join(map(str, r["shape"]))
-        spacing = ",".join(f"{s:.3g}" for s in r["spacing"])
-        flag = "" if r["complete"] else "  INCOMPLETE"
-        out.append(f"{r['path']:<{width}}  {r['modality']:<4} {shape:<18} {r['dtype']:<7} "
-                   f"{spacing:<20} {r['source_format']:<6} {r['bytes']:>12,}{flag}")
-    return "\n".join(out)
-
-
 def _json_default(o: Any) -> Any:  # pragma: no cover - used by the CLI
     if isinstance(o, (np.integer, np.floating, np.bool_)):
         return o.item()

@@ -254,11 +254,9 @@ def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write
     n_lead = iy
     workers = threads or min(32, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mist-encode") as pool:
-        # no enumerate(): its reused result tuple would keep the previous block
-        # alive while the next one is read
-        number = -1
+        # (not enumerate(): its reused result tuple would keep the previous
+        # block alive while the next one is read)
         for offset, block in _blocks(data, n_lead):
-            number += 1
             futures = []
             for lead in np.ndindex(*block.shape[:n_lead]):
                 planes = block[lead]
@@ -267,7 +265,7 @@ def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write
                         part = planes[cy * ty : (cy + 1) * ty, cx * tx : (cx + 1) * tx]
                         coords = tuple(o + i for o, i in zip(offset, lead)) + (cy, cx) + (0,) * len(tail)
                         futures.append(pool.submit(encode, coords, part))
-            if number == 0:
+            if not created.is_set():  # the first block: make the group meanwhile
                 try:
                     target["group"], target["image"] = create()
                     target["direct"] = _store_supports_sync_io(target["image"].store_path.store)

@@ -1808,7 +1808,7 @@ def _read_series(
 
     lazy = {pi for pi, plan in enumerate(plans)
             if batch_bytes is not None and sizes[pi] > batch_bytes and _batchable(plan, files)}
-    outputs: list[Any] = [None] * len(plans)
+    outputs: list[np.ndarray | LazyPlanes | None] = [None] * len(plans)
     out_pi: list[set[str]] = [set() for _ in plans]
     extra_notes: list[list[str]] = [[] for _ in plans]
     extra_warn: list[list[str]] = [[] for _ in plans]
@@ -1817,7 +1817,8 @@ def _read_series(
     for pi, plan in enumerate(plans):
         for slot, f in enumerate(plan.frames):
             targets.setdefault(f.file, []).append((pi, slot, f))
-    ranges: dict[int, list[float]] = {pi: [np.inf, -np.inf] for pi in lazy}
+    # lazy stacks: plane shape, dtype and value range, from the first decode
+    survey: dict[int, tuple[tuple[int, ...], np.dtype, float, float]] = {}
     for fi in sorted(targets):
         info = files[fi]
         arr, pi_out, notes, caught, lossy_reason = _decode_file(info)
@@ -1828,20 +1829,16 @@ def _read_series(
             if lossy_reason:
                 lossy[pi].append(lossy_reason)
         for pi, slot, f in targets[fi]:
+            src = arr[f.index]
             if pi in lazy:  # survey only: the pixels are decoded again when written
-                src = arr[f.index]
-                out = outputs[pi]
-                if out is None:
-                    outputs[pi] = out = (src.shape, src.dtype)
-                elif out != (src.shape, src.dtype):
+                shape, dtype, lo, hi = survey.get(pi, (src.shape, src.dtype, np.inf, -np.inf))
+                if (shape, dtype) != (src.shape, src.dtype):
                     raise DicomError(
                         f"{info.path}: decoded {src.dtype}{src.shape} differs from "
-                        f"{out[1]}{out[0]} of the other images of {label}"
+                        f"{dtype}{shape} of the other images of {label}"
                     )
-                rng = ranges[pi]
-                rng[0], rng[1] = min(rng[0], float(src.min())), max(rng[1], float(src.max()))
+                survey[pi] = (shape, dtype, min(lo, float(src.min())), max(hi, float(src.max())))
                 continue
-            src = arr[f.index]
             if f.tile is not None:
                 side, tr, tc = info.mosaic  # type: ignore[misc]
                 r0, c0 = (f.tile // side) * tr, (f.tile % side) * tc
@@ -1857,7 +1854,7 @@ def _read_series(
             out[slot] = src
         del arr
     for pi in lazy:
-        plane_shape, dtype = outputs[pi]
+        plane_shape, dtype, lo, hi = survey[pi]
         frames, lead = plans[pi].frames, plans[pi].lead
         # batches of whole entries of the first axis (slices, or volumes of a time series)
         inner = int(np.prod(lead[1:], dtype=np.int64))
@@ -1865,7 +1862,7 @@ def _read_series(
         batches = [(a, min(a + step, lead[0])) for a in range(0, lead[0], step)]
         reader = functools.partial(_read_frames, [files[f.file] for f in frames],
                                    [f.index for f in frames], lead[1:], label)
-        outputs[pi] = LazyPlanes(lead + plane_shape, dtype, batches, reader, tuple(ranges[pi]))
+        outputs[pi] = LazyPlanes(lead + plane_shape, dtype, batches, reader, (lo, hi))
 
     split = len(plans) > 1
     volumes = []
