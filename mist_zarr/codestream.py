@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from .errors import CodestreamError
 
 __all__ = [
     "Codestream",
@@ -36,10 +37,6 @@ SOD = 0xFF93
 EOC = 0xFFD9
 
 PROGRESSION_ORDERS = ("LRCP", "RLCP", "RPCL", "PCRL", "CPRL")
-
-
-class CodestreamError(ValueError):
-    """A codestream is malformed or not in the layout mist-zarr requires."""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import numpy as np
 
 from .format import ImageInfo
 from .reader import open_image
+from .errors import ExportError
 
 __all__ = ["EXPORTS", "ExportError", "ExportResult", "allowed_exports", "export"]
 
@@ -32,10 +33,6 @@ EXPORTS: dict[str, tuple[str, ...]] = {
     "jpeg": ("png", "jpeg"),
     "tiff": ("png", "jpeg"),
 }
-
-
-class ExportError(ValueError):
-    """The export is not allowed or not possible losslessly as asked."""
 
 
 @dataclass

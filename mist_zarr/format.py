@@ -14,6 +14,7 @@ import numpy as np
 
 from .layout import level_shape, plane_axes
 from .values import ValueMapping
+from .errors import IncompleteImageError
 
 __all__ = [
     "ATTR",
@@ -47,10 +48,6 @@ def chunk_crc(samples: np.ndarray) -> int:
     """CRC32C of a chunk's stored samples: little-endian, C order, the whole (padded) chunk."""
     le = np.ascontiguousarray(samples).astype(samples.dtype.newbyteorder("<"), copy=False)
     return google_crc32c.value(le)
-
-
-class IncompleteImageError(ValueError):
-    """The group exists but its write never finished (interrupted or failed)."""
 
 
 def default_affine(dims: Sequence[str], spacing: Sequence[float]) -> np.ndarray:

@@ -22,6 +22,7 @@ from .format import (
     IncompleteImageError,
     chunk_crc,
 )
+from .errors import ChecksumError
 
 __all__ = ["ChecksumError", "open_image", "read_checksums", "read_image", "read_index",
            "read_metadata"]
@@ -63,11 +64,6 @@ def member(group: zarr.Group, name: str) -> zarr.Array:
             f"{where}: the image group has no {name!r} array (the image was removed or "
             "replaced while it was being opened, or the group is damaged)"
         ) from None
-
-
-class ChecksumError(ValueError):
-    """Decoded samples differ from the checksum written with them: the chunk is
-    damaged, or the image was replaced while it was being read."""
 
 
 def read_image(source: Any, *, threads: int | None = None, verify: bool = True,

@@ -29,15 +29,12 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from .codestream import is_boundary
 from .format import ATTR, IMAGE, INDEX, ImageInfo, IncompleteImageError
 from .layout import codec_config
+from .errors import PrefixError
 
 __all__ = ["MultiscaleStore", "PrefixError", "forget_listings", "open_source_store"]
 
 _CHUNK_KEY = re.compile(r"^s(\d+)/" + IMAGE + r"/c((?:/\d+)+)$")
 _AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
-
-
-class PrefixError(ValueError):
-    """An indexed prefix does not end on a tile-part boundary, or its chunk is missing."""
 
 
 def open_source_store(source: Any, storage_options: Mapping[str, Any] | None = None) -> Store:

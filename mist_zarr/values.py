@@ -12,14 +12,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from .errors import LossyInputError
 
 __all__ = ["LossyInputError", "ValueMapping", "choose_mapping", "storage_dtype_for"]
 
 STORABLE = tuple(np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "uint32", "int32"))
-
-
-class LossyInputError(ValueError):
-    """The input cannot be stored losslessly and no lossy option was chosen."""
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from ..errors import ConversionError
 
 __all__ = ["ConversionError", "LazyPlanes", "SourceImage", "missing_dependency", "safe_name"]
-
-
-class ConversionError(ValueError):
-    """A source cannot be converted; the message names it and says why."""
 
 
 @dataclass

@@ -89,6 +89,7 @@ import numpy as np
 
 from . import _dicom_geometry as geom
 from .base import LazyPlanes
+from ..errors import DicomError
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -177,10 +178,6 @@ _MAYBE_LOSSY_J2K = {
     "1.2.840.10008.1.2.4.203",  # HTJ2K
 }
 _DEFLATED = "1.2.840.10008.1.2.1.99"
-
-
-class DicomError(ValueError):
-    """A DICOM file or series that cannot be read losslessly and unambiguously."""
 
 
 @dataclass(frozen=True)
