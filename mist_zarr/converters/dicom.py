@@ -90,6 +90,7 @@ import numpy as np
 from . import _dicom_geometry as geom
 from .base import LazyPlanes
 from ..errors import DicomError
+from ..errors import one_line as _one_line
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -315,11 +316,6 @@ class _Rejected(Exception):
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @dataclass(frozen=True)
