@@ -10,7 +10,11 @@ from typing import Any
 import numpy as np
 from ..errors import ConversionError
 
-__all__ = ["ConversionError", "LazyPlanes", "SourceImage", "missing_dependency", "safe_name"]
+# Refuse a source whose header declares more decoded pixel bytes than this
+# (before reading its pixels); every converter and convert use this one value.
+DEFAULT_MAX_BYTES = 8 << 30
+
+__all__ = ["DEFAULT_MAX_BYTES", "ConversionError", "LazyPlanes", "SourceImage", "missing_dependency", "safe_name"]
 
 
 @dataclass
