@@ -211,12 +211,11 @@ async def _walk(store: Any, prefix: str) -> list[dict[str, Any]]:
                                if n and not n.startswith(".") and n != "zarr.json"))
 
     async def child(path: str) -> None:
-        # An image's zarr.json (its DICOM header and per-slice metadata: ~20 kB
-        # of JSON, ~65 kB as Python objects for an MR series) is read and made
-        # into its row within one hold of ``limit``: released in between, every
-        # child of a folder would read its document before the first row is
-        # made, and hold it waiting, i.e. memory growing with the number of
-        # images (~50 MB for 800 series, never returned to the OS).
+        # An image's zarr.json (DICOM header and per-slice metadata) is read and
+        # made into its row within one hold of ``limit``: released in between,
+        # every child of a folder would read its document before the first row
+        # is made and hold it waiting, i.e. memory growing with the number of
+        # images (figures in docs/datasets.md, "Measured").
         async with limit:
             doc = await get_json_async(store, join_key(prefix, path, "zarr.json"), strict=False)
             if not isinstance(doc, dict) or doc.get("node_type") != "group":

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from zarr.abc.store import Store
+from zarr.abc.store import Store, _store_supports_sync_io
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, StorePath
@@ -128,10 +128,8 @@ def forget_listings(store: Any) -> None:
 
 def supports_sync_io(store: Store) -> bool:
     """True when zarr may read/write ``store`` through its synchronous fast path."""
-    # zarr keeps this check private; it is used only here so that a change in
-    # zarr breaks one line
-    from zarr.abc.store import _store_supports_sync_io
-
+    # zarr keeps this check private; it is used only here, so that a change in
+    # zarr breaks one place
     return bool(_store_supports_sync_io(store))
 
 
