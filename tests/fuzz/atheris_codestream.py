@@ -7,15 +7,25 @@ escape is CodestreamError. libFuzzer exits non-zero on anything else.
 """
 
 import sys
+import types
 from pathlib import Path
 
 import atheris
 
 # Import the parser module on its own: instrumenting the whole package (zarr,
-# xarray, numpy ...) would cost minutes before the first run.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "mist_zarr"))
-with atheris.instrument_imports(include=["codestream"]):
-    from codestream import CodestreamError, is_boundary, parse_codestream, prefix_lengths
+# xarray, numpy ...) would cost minutes before the first run. A bare package
+# object stands in for mist_zarr so that codestream's relative import of
+# errors works without running the package's __init__.
+_package = types.ModuleType("mist_zarr")
+_package.__path__ = [str(Path(__file__).resolve().parents[2] / "mist_zarr")]
+sys.modules["mist_zarr"] = _package
+with atheris.instrument_imports(include=["mist_zarr.codestream", "mist_zarr.errors"]):
+    from mist_zarr.codestream import (
+        CodestreamError,
+        is_boundary,
+        parse_codestream,
+        prefix_lengths,
+    )
 
 
 def test_one_input(data: bytes) -> None:
