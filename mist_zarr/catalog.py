@@ -26,19 +26,30 @@ import asyncio
 import io
 import json
 import os
-import sys
-import types
-import uuid
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import zarr.api.asynchronous as za
+from zarr.core.sync import sync
+from zarr.storage import StorePath
 
 from .format import ATTR, CHECKSUM, INDEX, ImageInfo
+from .storage import (
+    forget_listings,
+    get_bytes,
+    get_json_async,
+    join_key,
+    local_dir,
+    replace_bytes,
+    resolve,
+)
 
-if TYPE_CHECKING:  # pandas and pyarrow are imported when used
+# pandas and pyarrow are imported in the functions that use them: together they
+# add ~1.3 s to `import mist_zarr` (measured with `python -X importtime`), which
+# convert, verify and serve would pay without ever touching a catalog.
+if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
@@ -108,55 +119,6 @@ def _arrow_type(name: str) -> pa.DataType:
             "bool": pa.bool_()}[name]
 
 
-# -- the dataset root as a store ---------------------------------------------
-def _root(dataset: Any, storage_options: Mapping[str, Any] | None, *, write: bool = False):
-    """``(store, prefix)`` of the dataset root: a zarr store and the root's key prefix."""
-    from zarr.abc.store import Store
-    from zarr.storage import StorePath
-
-    from .store import open_source_store
-
-    if isinstance(dataset, StorePath):
-        return dataset.store, dataset.path
-    if hasattr(dataset, "store_path"):  # a zarr.Group
-        return dataset.store_path.store, dataset.store_path.path
-    if write:
-        if isinstance(dataset, Store):
-            return dataset, ""
-        if isinstance(dataset, os.PathLike) or (isinstance(dataset, str)
-                                                 and "://" not in dataset):
-            from zarr.storage import LocalStore
-
-            return LocalStore(os.fspath(dataset)), ""
-        if isinstance(dataset, str) and dataset.startswith("file://"):
-            from zarr.storage import LocalStore
-
-            return LocalStore(dataset.removeprefix("file://")), ""
-        from zarr.storage import FsspecStore
-
-        return FsspecStore.from_url(dataset, storage_options=dict(storage_options or {}),
-                                    read_only=False), ""
-    return open_source_store(dataset, storage_options), ""
-
-
-def _key(prefix: str, *parts: str) -> str:
-    return "/".join(p.strip("/") for p in (prefix, *parts) if p.strip("/"))
-
-
-def _local_dir(store: Any, prefix: str) -> Path | None:
-    from zarr.storage import LocalStore
-
-    if isinstance(store, LocalStore):
-        return Path(store.root) / prefix
-    return None
-
-
-def _sync(coro):
-    from zarr.core.sync import sync
-
-    return sync(coro)
-
-
 # -- one image -> one row ------------------------------------------------------
 def _dicom_text(dicom: Mapping[str, Any], tag: str) -> str:
     element = dicom.get(tag) if isinstance(dicom, Mapping) else None
@@ -205,27 +167,12 @@ def image_row(path: str, info: ImageInfo, index: np.ndarray | None,
     return row
 
 
-async def _read_json(store: Any, key: str) -> dict[str, Any] | None:
-    from zarr.core.buffer import default_buffer_prototype
-
-    buf = await store.get(key, default_buffer_prototype())
-    if buf is None:
-        return None
-    try:
-        return json.loads(buf.to_bytes())
-    except ValueError:
-        return None
-
-
 async def _image_row(store: Any, prefix: str, path: str,
                      doc: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """Row for the image group at ``prefix/path``; None if there is no image there."""
-    import zarr.api.asynchronous as za
-    from zarr.storage import StorePath
-
-    base = _key(prefix, path)
+    base = join_key(prefix, path)
     if doc is None:
-        doc = await _read_json(store, _key(base, "zarr.json"))
+        doc = await get_json_async(store, join_key(base, "zarr.json"), strict=False)
     attrs = (doc or {}).get("attributes", {}).get(ATTR) if isinstance(doc, dict) else None
     if not isinstance(attrs, dict):
         return None
@@ -236,14 +183,14 @@ async def _image_row(store: Any, prefix: str, path: str,
     index = None
     if info.complete:
         try:
-            array = await za.open_array(store=StorePath(store, _key(base, INDEX)), mode="r",
+            array = await za.open_array(store=StorePath(store, join_key(base, INDEX)), mode="r",
                                         zarr_format=3)
             index = np.asarray(await array.getitem(...))
         except (FileNotFoundError, KeyError, ValueError) as exc:
             raise ValueError(f"{path}: complete image whose prefix index cannot be read "
                              f"({type(exc).__name__}: {exc}); verify or convert it again"
                              ) from exc
-    checksums = await store.exists(_key(base, CHECKSUM, "zarr.json"))
+    checksums = await store.exists(join_key(base, CHECKSUM, "zarr.json"))
     return image_row(path, info, index, checksums)
 
 
@@ -254,24 +201,23 @@ async def _walk(store: Any, prefix: str) -> list[dict[str, Any]]:
 
     async def visit(path: str) -> None:
         async with limit:
-            names = [n async for n in store.list_dir(_key(prefix, path))]
+            names = [n async for n in store.list_dir(join_key(prefix, path))]
         if not path and "zarr.json" not in names:
             # a root that has a zarr.json (checked before) but does not list it:
             # the store cannot list (plain HTTP), so no image would be found
             raise NotImplementedError(f"listing the store found {len(names)} entries and no "
                                       "zarr.json")
-        await asyncio.gather(*(child(_key(path, n.rstrip("/"))) for n in names
+        await asyncio.gather(*(child(join_key(path, n.rstrip("/"))) for n in names
                                if n and not n.startswith(".") and n != "zarr.json"))
 
     async def child(path: str) -> None:
-        # An image's zarr.json (its DICOM header and per-slice metadata: ~20 kB
-        # of JSON, ~65 kB as Python objects for an MR series) is read and made
-        # into its row within one hold of ``limit``: released in between, every
-        # child of a folder would read its document before the first row is
-        # made, and hold it waiting, i.e. memory growing with the number of
-        # images (~50 MB for 800 series, never returned to the OS).
+        # An image's zarr.json (DICOM header and per-slice metadata) is read and
+        # made into its row within one hold of ``limit``: released in between,
+        # every child of a folder would read its document before the first row
+        # is made and hold it waiting, i.e. memory growing with the number of
+        # images (figures in docs/datasets.md, "Measured").
         async with limit:
-            doc = await _read_json(store, _key(prefix, path, "zarr.json"))
+            doc = await get_json_async(store, join_key(prefix, path, "zarr.json"), strict=False)
             if not isinstance(doc, dict) or doc.get("node_type") != "group":
                 return  # a file (catalog.parquet ...), an array or a non-zarr folder
             image = ATTR in doc.get("attributes", {})
@@ -307,19 +253,17 @@ def build_catalog(dataset: Any, *, storage_options: Mapping[str, Any] | None = N
     HTTP cannot be scanned; read its ``catalog.parquet`` with :func:`catalog`.
     Incomplete images are listed with ``complete`` False and no bytes.
     """
-    from .store import forget_listings
-
-    store, prefix = _root(dataset, storage_options)
-    if _sync(_read_json(store, _key(prefix, "zarr.json"))) is None:
+    store, prefix = resolve(dataset, storage_options)
+    if sync(get_json_async(store, join_key(prefix, "zarr.json"), strict=False)) is None:
         raise FileNotFoundError(f"{dataset}: no zarr.json: not a dataset root or image group")
     forget_listings(store)  # list what is in the store now, not what this process saw before
     try:
-        rows = _sync(_walk(store, prefix))
+        rows = sync(_walk(store, prefix))
     except (NotImplementedError, FileNotFoundError) as exc:
         raise ValueError(f"{dataset}: cannot list the dataset to build its catalog ({exc}); "
                          f"build it where the files are and serve {CATALOG} with them") from exc
     if not rows:  # the root may itself be an image group
-        row = _sync(_image_row(store, prefix, ""))
+        row = sync(_image_row(store, prefix, ""))
         if row is not None:
             rows = [row]
     return _frame(rows)
@@ -372,28 +316,13 @@ def write_catalog(dataset: Any, df: pd.DataFrame | None = None, *,
 
 def _put(dataset: Any, storage_options: Mapping[str, Any] | None, name: str, data: bytes) -> None:
     """Replace the file ``name`` at the dataset root whole (rename locally, one PUT remotely)."""
-    store, prefix = _root(dataset, storage_options, write=True)
-    local = _local_dir(store, prefix)
-    if local is not None:
-        target = local / name
-        tmp = local / f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    else:
-        from zarr.core.buffer import default_buffer_prototype
-
-        _sync(store.set(_key(prefix, name), default_buffer_prototype().buffer.from_bytes(data)))
+    store, prefix = resolve(dataset, storage_options, read_only=False)
+    replace_bytes(store, join_key(prefix, name), data)
 
 
 def _get(dataset: Any, storage_options: Mapping[str, Any] | None, name: str) -> bytes | None:
-    from zarr.core.buffer import default_buffer_prototype
-
-    store, prefix = _root(dataset, storage_options)
-    buf = _sync(store.get(_key(prefix, name), default_buffer_prototype()))
-    return None if buf is None else buf.to_bytes()
+    store, prefix = resolve(dataset, storage_options)
+    return get_bytes(store, join_key(prefix, name))
 
 
 def read_catalog(dataset: Any, *, storage_options: Mapping[str, Any] | None = None
@@ -432,8 +361,8 @@ def catalog(dataset: Any, *, refresh: bool = False, write: bool | None = None,
         if df is not None:
             return df
     df = build_catalog(dataset, storage_options=storage_options)
-    store, prefix = _root(dataset, storage_options)
-    local = _local_dir(store, prefix)
+    store, prefix = resolve(dataset, storage_options)
+    local = local_dir(store, prefix)
     if write or (write is None and local is not None and os.access(local, os.W_OK)):
         try:
             write_catalog(dataset, df, storage_options=storage_options)
@@ -460,7 +389,7 @@ def update_catalog(dataset: Any, paths: Iterable[str], *,
     if old is None:
         return write_catalog(dataset, build_catalog(dataset, storage_options=storage_options),
                              storage_options=storage_options)
-    store, prefix = _root(dataset, storage_options)
+    store, prefix = resolve(dataset, storage_options)
 
     async def rows() -> list[dict[str, Any] | None]:
         limit = asyncio.Semaphore(_CONCURRENCY)
@@ -471,7 +400,7 @@ def update_catalog(dataset: Any, paths: Iterable[str], *,
 
         return await asyncio.gather(*(one(p) for p in paths))
 
-    new = {r["path"]: r for r in _sync(rows()) if r is not None}
+    new = {r["path"]: r for r in sync(rows()) if r is not None}
     kept = [r for r in old.to_dict("records") if r["path"] not in set(paths)]
     # columns a user added to the stored catalog stay (empty in the new rows)
     columns = list(dict.fromkeys([*COLUMNS, *old.columns]))
@@ -533,14 +462,3 @@ def update_failures(dataset: Any, rows: Iterable[Mapping[str, Any]], seen: Itera
     if data != before:  # an unchanged report is not rewritten (a rerun writes nothing)
         _put(dataset, storage_options, FAILURES, data)
     return df
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``mist_zarr.catalog(dataset)`` call :func:`catalog`; the module and
-    its function share the name, and the package attribute is the module."""
-
-    def __call__(self, dataset: Any, **kwargs: Any) -> pd.DataFrame:
-        return catalog(dataset, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mist_zarr.layout import DEFAULT_ALPHA
+
 __all__ = ["main"]
 
 
@@ -200,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--overwrite", action="store_true", help="replace images already converted")
     group.add_argument("--skip-existing", action="store_true",
                        help="keep images already completely converted (resume)")
-    p.add_argument("--alpha", type=int, default=64,
+    p.add_argument("--alpha", type=int, default=DEFAULT_ALPHA,
                    help="smallest level edge: levels = ceil(log2(min(Y, X) / alpha)) (default: %(default)s)")
     p.add_argument("--quantize", metavar="DTYPE",
                    help="store non-integral float data quantised to this integer dtype (lossy, recorded)")

@@ -23,18 +23,16 @@ import numpy as np
 import zarr
 from zarr.storage import StorePath
 
-from .converters.base import ConversionError, SourceImage
-from .format import ATTR, FORMAT_VERSION, ImageInfo
+from .converters.base import DEFAULT_MAX_BYTES, ConversionError, SourceImage
+from .format import ATTR, DONE_DIR, FORMAT_VERSION, TMP_DIR, ImageInfo
+from .layout import DEFAULT_ALPHA
 from .writer import write_image
 
 __all__ = ["ConvertReport", "DEFAULT_MAX_BYTES", "Problem", "SeriesResult", "Unit", "convert",
            "iter_sources", "list_images", "plan", "read_unit", "run_unit", "write_unit"]
 
-DEFAULT_MAX_BYTES = 8 << 30  # refuse images whose header declares more than 8 GiB
 DEFAULT_BATCH_BYTES = 256 << 20  # larger DICOM stacks are read and written in slice batches
 DATASET_ATTR = "mist_dataset"
-TMP_DIR = ".mist-tmp"  # images being written; renamed into place when complete
-DONE_DIR = ".mist-done"  # one marker per converted source unit, written last
 # Dask config of the LocalCluster that ``convert(workers=N)`` starts. The worker's
 # statistical profiler (on by default, for the dashboard, which this cluster does
 # not serve) samples the running task's stack every 10 ms and keeps one call tree
@@ -415,7 +413,7 @@ def convert(
     *,
     overwrite: bool = False,
     skip_existing: bool = False,
-    alpha: int = 64,
+    alpha: int = DEFAULT_ALPHA,
     quantize: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     batch_bytes: int | None = DEFAULT_BATCH_BYTES,

@@ -24,6 +24,7 @@ import numpy as np
 from .access import choose_level
 from .format import IMAGE
 from .layout import level_shape
+from .storage import join_location, location
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -35,21 +36,6 @@ __all__ = ["MistDataset"]
 _META = ("modality", "series_uid", "study_uid", "patient_id", "body_part", "series_description",
          "source_format", "lossy_source")
 _OPEN_STORES = 64  # per process; each holds one image's prefix index
-
-
-def _root_string(dataset: Any) -> str:
-    if isinstance(dataset, os.PathLike) or (isinstance(dataset, str) and "://" not in dataset):
-        return os.path.abspath(os.fspath(dataset))
-    if isinstance(dataset, str):
-        return dataset.rstrip("/")
-    raise TypeError(
-        f"MistDataset needs a dataset root path or URL, found {type(dataset).__name__}")
-
-
-def _join(root: str, path: str) -> str:
-    if "://" in root:
-        return f"{root}/{path}" if path else root
-    return os.path.join(root, *path.split("/")) if path else root
 
 
 class MistDataset:
@@ -98,7 +84,7 @@ class MistDataset:
             raise ValueError(f"scale must be >= 0, found {scale}")
         if size is not None and size < 1:
             raise ValueError(f"size must be a positive number of pixels, found {size}")
-        self.root = _root_string(dataset)
+        self.root = location(dataset)
         self.scale = scale
         self.size = size
         self.below = below
@@ -207,7 +193,7 @@ class MistDataset:
         with self._lock:
             store = self._stores.get(path)
             if store is None:
-                store = MultiscaleStore(_join(self.root, path),
+                store = MultiscaleStore(join_location(self.root, path),
                                         storage_options=self.storage_options)
                 self._stores[path] = store
                 while len(self._stores) > _OPEN_STORES:

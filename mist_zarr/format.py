@@ -12,7 +12,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-from .layout import level_shape, plane_axes
+from .layout import DEFAULT_ALPHA, level_shape, plane_axes
 from .values import ValueMapping
 from .errors import IncompleteImageError
 
@@ -24,6 +24,8 @@ __all__ = [
     "INDEX",
     "SLICE_METADATA",
     "SOURCE_FORMATS",
+    "TMP_DIR",
+    "DONE_DIR",
     "ImageInfo",
     "chunk_crc",
     "IncompleteImageError",
@@ -31,6 +33,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+# Bookkeeping folders at a dataset root (not zarr nodes; readers and verify skip them):
+TMP_DIR = ".mist-tmp"  # images being written; renamed into place when complete
+DONE_DIR = ".mist-done"  # one marker per converted source unit, written last
 ATTR = "mist"
 IMAGE = "image"
 INDEX = "index"
@@ -73,7 +78,7 @@ class ImageInfo:
     affine: np.ndarray
     values: ValueMapping
     source_format: str = "array"
-    alpha: int = 64
+    alpha: int = DEFAULT_ALPHA
     complete: bool = False
     metadata: Mapping[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -148,7 +153,7 @@ class ImageInfo:
             shape=tuple(data["shape"]),
             chunks=tuple(data["chunks"]),
             levels=int(data["levels"]),
-            alpha=int(data.get("alpha", 64)),
+            alpha=int(data.get("alpha", DEFAULT_ALPHA)),
             spacing=tuple(float(s) for s in data["spacing"]),
             affine=np.array(data["affine"], dtype=float),
             values=ValueMapping.from_json(data["values"]),

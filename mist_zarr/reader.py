@@ -10,7 +10,6 @@ from typing import Any
 import imagecodecs
 import numpy as np
 import zarr
-from zarr.abc.store import _store_supports_sync_io
 
 from .format import (
     ATTR,
@@ -23,6 +22,7 @@ from .format import (
     chunk_crc,
 )
 from .errors import ChecksumError
+from .storage import supports_sync_io
 
 __all__ = ["ChecksumError", "open_image", "read_checksums", "read_image", "read_index",
            "read_metadata"]
@@ -78,7 +78,7 @@ def read_image(source: Any, *, threads: int | None = None, verify: bool = True,
     group, info = open_image(source, **kwargs)
     image = member(group, IMAGE)
     crcs = member(group, CHECKSUM)[...] if verify else None
-    if _store_supports_sync_io(image.store_path.store):
+    if supports_sync_io(image.store_path.store):
         stored = _read_direct(image, info, threads, crcs)
     else:
         stored = image[...]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import threading
 from collections import OrderedDict
@@ -30,48 +29,12 @@ from .codestream import is_boundary
 from .format import ATTR, IMAGE, INDEX, ImageInfo, IncompleteImageError
 from .layout import codec_config
 from .errors import PrefixError
+from .storage import forget_listings, open_source_store, supports_sync_io
 
 __all__ = ["MultiscaleStore", "PrefixError", "forget_listings", "open_source_store"]
 
 _CHUNK_KEY = re.compile(r"^s(\d+)/" + IMAGE + r"/c((?:/\d+)+)$")
 _AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
-
-
-def open_source_store(source: Any, storage_options: Mapping[str, Any] | None = None) -> Store:
-    """A read-only zarr store for a path, ``file://`` / fsspec URL or existing store."""
-    if isinstance(source, Store):
-        return source if source.read_only else source.with_read_only(True)
-    if isinstance(source, os.PathLike) or (isinstance(source, str) and "://" not in source):
-        from zarr.storage import LocalStore
-
-        return LocalStore(os.fspath(source), read_only=True)
-    if isinstance(source, str):
-        if source.startswith("file://"):
-            from zarr.storage import LocalStore
-
-            return LocalStore(source.removeprefix("file://"), read_only=True)
-        from zarr.storage import FsspecStore
-
-        return FsspecStore.from_url(
-            source, storage_options=dict(storage_options or {}), read_only=True
-        )
-    raise TypeError(f"expected a path, URL or zarr Store, found {type(source).__name__}")
-
-
-def forget_listings(store: Any) -> None:
-    """Drop the directory listings cached by the fsspec filesystem behind ``store``.
-
-    fsspec shares one filesystem instance per (options, thread) within a
-    process, and s3fs, gcsfs ... keep every listing they made for its
-    lifetime: a dataset listed once would go on hiding the images other
-    processes (workers, another convert) wrote to it since. Call before
-    listing a dataset to enumerate it.
-    """
-    fs = getattr(store, "fs", None)
-    for target in (fs, getattr(fs, "sync_fs", None)):  # sync_fs: AsyncFileSystemWrapper
-        invalidate = getattr(target, "invalidate_cache", None)
-        if invalidate is not None:
-            invalidate()
 
 
 def _json(doc: Mapping[str, Any]) -> bytes:
@@ -379,9 +342,7 @@ class MultiscaleStore(Store):
     # -- zarr's synchronous fast path, offered when the physical store has one --
     @property
     def _supports_sync_io(self) -> bool:
-        from zarr.abc.store import _store_supports_sync_io
-
-        return _store_supports_sync_io(self._physical)
+        return supports_sync_io(self._physical)
 
     def get_sync(self, key: str, *, prototype: BufferPrototype | None = None,
                  byte_range: ByteRequest | None = None) -> Buffer | None:

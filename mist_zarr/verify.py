@@ -19,33 +19,30 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import imagecodecs
 import numpy as np
 import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
 from .codestream import CodestreamError, is_boundary, parse_codestream, prefix_lengths
-from .format import ATTR, CHECKSUM, IMAGE, INDEX, ImageInfo, chunk_crc
+from .errors import SourceIssue
+from .format import ATTR, CHECKSUM, DONE_DIR, IMAGE, INDEX, TMP_DIR, ImageInfo, chunk_crc
+from .storage import get_bytes
 
-__all__ = ["Finding", "VerifyReport", "verify", "verify_image"]
+__all__ = ["VerifyReport", "verify", "verify_image"]
 
 # fork() of a process running zarr's event-loop thread can deadlock; forkserver
 # starts workers from a clean, single-threaded server.
 _CONTEXT = multiprocessing.get_context("forkserver")
 
 
-@dataclass
-class Finding:
-    """One thing wrong, located as precisely as possible."""
-
-    image: str
-    where: str  # a chunk key, "zarr.json", "index", "checksum" or "source"
-    problem: str
+def _damaged(image: str, where: str, problem: str) -> SourceIssue:
+    """One thing wrong with ``image``, located by ``where``: a chunk key,
+    "zarr.json", "index", "checksum" or "source"."""
+    return SourceIssue(source=image, reason=problem, kind="damaged", key=where)
 
 
 @dataclass
@@ -54,7 +51,7 @@ class VerifyReport:
 
     images: int = 0
     chunks: int = 0
-    findings: list[Finding] = field(default_factory=list)
+    findings: list[SourceIssue] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -67,26 +64,27 @@ class VerifyReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "images": self.images, "chunks": self.chunks,
-                "findings": [asdict(f) for f in self.findings]}
+                "findings": [{"image": f.source, "where": f.key, "problem": f.reason}
+                             for f in self.findings]}
 
     def summary(self) -> str:
         head = (f"{self.images} image(s), {self.chunks} chunk(s) checked: "
                 + ("OK" if self.ok else f"{len(self.findings)} problem(s)"))
-        return "\n".join([head] + [f"BAD {f.image} {f.where}: {f.problem}" for f in self.findings])
+        return "\n".join([head] + [f"BAD {f.source} {f.key}: {f.reason}" for f in self.findings])
 
 
-def _open(path: Any) -> tuple[zarr.Group | None, ImageInfo | None, list[Finding]]:
+def _open(path: Any) -> tuple[zarr.Group | None, ImageInfo | None, list[SourceIssue]]:
     name = str(path)
     try:
         group = zarr.open_group(path, mode="r", zarr_format=3)
     except Exception as exc:
-        return None, None, [Finding(name, "zarr.json", f"unreadable group metadata: {exc}")]
+        return None, None, [_damaged(name, "zarr.json", f"unreadable group metadata: {exc}")]
     try:
         info = ImageInfo.from_json(group.attrs[ATTR], where=name)
     except Exception as exc:
-        return group, None, [Finding(name, "zarr.json", f"no valid mist attributes: {exc!r}")]
+        return group, None, [_damaged(name, "zarr.json", f"no valid mist attributes: {exc!r}")]
     if not info.complete:
-        return group, info, [Finding(name, "zarr.json", "image is marked incomplete "
+        return group, info, [_damaged(name, "zarr.json", "image is marked incomplete "
                                                         "(interrupted or failed write)")]
     return group, info, []
 
@@ -104,18 +102,17 @@ def verify_image(path: Any, *, levels: bool = False) -> VerifyReport:
         if index.shape != info.grid + (info.levels + 1,):
             raise ValueError(f"shape {index.shape}, expected {info.grid + (info.levels + 1,)}")
     except Exception as exc:
-        report.findings.append(Finding(name, "index", f"prefix index unreadable: {exc}"))
+        report.findings.append(_damaged(name, "index", f"prefix index unreadable: {exc}"))
         return report
     try:
         crcs = group[CHECKSUM][...]
         if crcs.shape != info.grid:
             raise ValueError(f"shape {crcs.shape}, expected {info.grid}")
     except Exception as exc:
-        report.findings.append(Finding(name, "checksum", f"checksums unreadable: {exc}"))
+        report.findings.append(_damaged(name, "checksum", f"checksums unreadable: {exc}"))
         return report
     image = group[IMAGE]
     store, base = image.store_path.store, image.store_path.path
-    proto = default_buffer_prototype()
     zero_crc = chunk_crc(np.zeros(info.chunks, info.stored_dtype))
     for coords in np.ndindex(*info.grid):
         key = image.metadata.encode_chunk_key(coords)
@@ -123,52 +120,51 @@ def verify_image(path: Any, *, levels: bool = False) -> VerifyReport:
         report.chunks += 1
         row = [int(v) for v in index[coords]]
         try:
-            buf = sync(store.get(f"{base}/{key}", proto))
+            data = get_bytes(store, f"{base}/{key}")
         except Exception as exc:
-            report.findings.append(Finding(name, where, f"unreadable: {exc}"))
+            report.findings.append(_damaged(name, where, f"unreadable: {exc}"))
             continue
         if not any(row):
-            if buf is not None:
-                report.findings.append(Finding(name, where, "chunk exists but the index marks "
+            if data is not None:
+                report.findings.append(_damaged(name, where, "chunk exists but the index marks "
                                                             "it absent"))
             elif int(crcs[coords]) != zero_crc:
-                report.findings.append(Finding(name, where, "chunk is missing (the checksum "
+                report.findings.append(_damaged(name, where, "chunk is missing (the checksum "
                                                             "says it was not all fill value)"))
             continue
-        if buf is None:
-            report.findings.append(Finding(name, where, "chunk is missing"))
+        if data is None:
+            report.findings.append(_damaged(name, where, "chunk is missing"))
             continue
-        data = buf.to_bytes()
         report.findings += _check_chunk(name, where, data, row, int(crcs[coords]), info, levels)
     return report
 
 
 def _check_chunk(name: str, where: str, data: bytes, row: list[int], crc: int,
-                 info: ImageInfo, levels: bool) -> list[Finding]:
-    out: list[Finding] = []
+                 info: ImageInfo, levels: bool) -> list[SourceIssue]:
+    out: list[SourceIssue] = []
     if len(data) != row[0]:
-        out.append(Finding(name, where, f"{len(data)} bytes, the index says {row[0]}"))
+        out.append(_damaged(name, where, f"{len(data)} bytes, the index says {row[0]}"))
     try:
         cs = parse_codestream(data)
         found = list(prefix_lengths(cs)[: info.levels + 1])
     except CodestreamError as exc:
-        return out + [Finding(name, where, f"codestream damaged: {exc}")]
+        return out + [_damaged(name, where, f"codestream damaged: {exc}")]
     if found != row:
-        out.append(Finding(name, where, f"prefix index {row} disagrees with the codestream "
+        out.append(_damaged(name, where, f"prefix index {row} disagrees with the codestream "
                                         f"{found}"))
     try:
         samples = imagecodecs.htj2k_decode(data)
     except Exception as exc:
-        return out + [Finding(name, where, f"does not decode: {exc}")]
+        return out + [_damaged(name, where, f"does not decode: {exc}")]
     if samples.size != int(np.prod(info.chunks)) or \
             chunk_crc(samples.astype(info.stored_dtype, copy=False)) != crc:
-        out.append(Finding(name, where, "decoded samples do not match the checksum written "
+        out.append(_damaged(name, where, "decoded samples do not match the checksum written "
                                         "with them"))
     if levels:
         for k in range(1, info.levels + 1):
             n = row[k]
             if not is_boundary(data[n: n + 2]):
-                out.append(Finding(name, where, f"level-{k} prefix of {n} bytes does not end "
+                out.append(_damaged(name, where, f"level-{k} prefix of {n} bytes does not end "
                                                 "on a tile-part boundary"))
                 continue
             try:
@@ -179,7 +175,7 @@ def _check_chunk(name: str, where: str, data: bytes, row: list[int], crc: int,
             else:
                 exc_text = ""
             if not ok:
-                out.append(Finding(name, where, f"level-{k} prefix does not decode like the "
+                out.append(_damaged(name, where, f"level-{k} prefix does not decode like the "
                                                 f"full stream {exc_text}".strip()))
     return out
 
@@ -199,7 +195,7 @@ def _find_images(root: Path) -> list[Path]:
         here = Path(dirpath)
         # a dataset's bookkeeping: images being written (or left by a killed
         # writer, removed by the next convert) and completion markers
-        dirs[:] = [d for d in dirs if d not in (".mist-tmp", ".mist-done")]
+        dirs[:] = [d for d in dirs if d not in (TMP_DIR, DONE_DIR)]
         if "zarr.json" not in files:
             continue
         if _is_image(here) or {IMAGE, INDEX} <= set(dirs):
@@ -224,7 +220,7 @@ def verify(path: str | os.PathLike, *, levels: bool = False, source: Any = None,
     images = [root] if _is_image(root) else _find_images(root)
     report = VerifyReport()
     if not images:
-        report.findings.append(Finding(str(root), "zarr.json", "no mist-zarr image found here"))
+        report.findings.append(_damaged(str(root), "zarr.json", "no mist-zarr image found here"))
         return report
     workers = max(1, min(workers or os.cpu_count() or 1, len(images)))
     with ProcessPoolExecutor(max_workers=workers, mp_context=_CONTEXT) as pool:
@@ -245,7 +241,7 @@ def _isolated(name: str, levels: bool) -> VerifyReport:
         try:
             return pool.submit(_verify_one, (name, levels)).result()
         except BrokenProcessPool:
-            return VerifyReport(images=1, findings=[Finding(
+            return VerifyReport(images=1, findings=[_damaged(
                 name, IMAGE, "the decoder crashed on this image's data (damaged chunk)")])
 
 
@@ -258,7 +254,7 @@ def _compare_sources(root: Path, images: list[Path], source: Any) -> VerifyRepor
     for image in iter_sources(source, problems=[]):
         target = stored.get(image.name) or (stored.get(root.name) if len(stored) == 1 else None)
         if target is None:
-            report.findings.append(Finding(image.name, "source",
+            report.findings.append(_damaged(image.name, "source",
                                            "source image has no converted counterpart"))
             continue
         from .reader import read_image
@@ -266,10 +262,10 @@ def _compare_sources(root: Path, images: list[Path], source: Any) -> VerifyRepor
         try:
             back = read_image(target)
         except Exception as exc:
-            report.findings.append(Finding(str(target), "source", f"unreadable: {exc}"))
+            report.findings.append(_damaged(str(target), "source", f"unreadable: {exc}"))
             continue
         expected = np.asarray(image.data)
         if back.shape != expected.shape or not np.array_equal(back, expected):
-            report.findings.append(Finding(str(target), "source",
+            report.findings.append(_damaged(str(target), "source",
                                            "samples differ from the source files"))
     return report

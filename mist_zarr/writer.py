@@ -13,7 +13,6 @@ import imagecodecs
 import numpy as np
 import zarr
 from imagecodecs.zarr import Htj2k
-from zarr.abc.store import _store_supports_sync_io
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
@@ -39,6 +38,7 @@ from .layout import (
     plane_axes,
     tile_shape,
 )
+from .storage import supports_sync_io
 from .values import choose_mapping
 
 __all__ = ["write_image"]
@@ -268,7 +268,7 @@ def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write
             if not created.is_set():  # the first block: make the group meanwhile
                 try:
                     target["group"], target["image"] = create()
-                    target["direct"] = _store_supports_sync_io(target["image"].store_path.store)
+                    target["direct"] = supports_sync_io(target["image"].store_path.store)
                 finally:
                     created.set()  # on failure the waiting encoders raise and drain
             for f in futures:

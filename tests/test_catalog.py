@@ -17,6 +17,7 @@ import mist_zarr
 from mist_zarr.catalog import (
     CATALOG,
     COLUMNS,
+    FAILURE_COLUMNS,
     build_catalog,
     catalog,
     read_catalog,
@@ -292,9 +293,12 @@ def test_catalog_over_http_is_read_and_cannot_be_built(converted, tmp_path):
             catalog(url)
 
 
-def test_the_package_attribute_is_callable(converted):
+def test_the_documented_entry_points(converted):
+    """``mist_zarr.catalog`` is the module (no longer callable: the module-class hack
+    is gone); its ``catalog`` function and ``read_failures`` are the documented API."""
     import mist_zarr
 
     dest = converted[0] if isinstance(converted, tuple) else converted
-    df = mist_zarr.catalog(dest)
+    df = mist_zarr.catalog.catalog(dest)
     assert list(df.path) == sorted(r["path"] for r in mist_zarr.list_images(dest))
+    assert list(mist_zarr.catalog.read_failures(dest).columns) == list(FAILURE_COLUMNS)

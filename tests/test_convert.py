@@ -113,7 +113,7 @@ def test_cli_convert_and_ls(tree, tmp_path):
                         capture_output=True, text=True)
     rows = json.loads(ls.stdout)
     # ls prints the catalog: its rows, every column, as mist_zarr.catalog returns them
-    assert rows == json.loads(json.dumps(mist_zarr.catalog(dest).to_dict("records")))
+    assert rows == json.loads(json.dumps(mist_zarr.catalog.catalog(dest).to_dict("records")))
     assert sorted(r["modality"] for r in rows) == ["CR", "CT", "CT"]
     assert [r["path"] for r in rows] == [r["path"] for r in list_images(dest)]
     assert all(len(r["bytes_per_level"]) == r["levels"] + 1 for r in rows)
@@ -199,7 +199,7 @@ def test_file_url_destination(tmp_path):
     url = f"file://{tmp_path}/ds"
     assert convert(tmp_path / "a.nii.gz", url).ok
     np.testing.assert_array_equal(mist_zarr.read_image(tmp_path / "ds" / "a"), volume.T)
-    assert mist_zarr.catalog(url)["path"].tolist() == ["a"]
+    assert mist_zarr.catalog.catalog(url)["path"].tolist() == ["a"]
     again = convert(tmp_path / "a.nii.gz", url, skip_existing=True)
     assert [r.status for r in again.converted] == ["existing"]
     assert (tmp_path / "ds" / "failures.csv").exists()

@@ -284,7 +284,7 @@ def test_convert_into_the_store_reads_back_bit_exact_at_every_level(store, sourc
     rows = list_images(url, storage_options=store.options)
     assert [r["path"] for r in rows] == sorted(expected)
     assert all(r["complete"] for r in rows)
-    stored = mist_zarr.catalog(url, storage_options=store.options)  # its catalog.parquet
+    stored = mist_zarr.catalog.catalog(url, storage_options=store.options)  # its catalog.parquet
     assert list(stored.path) == sorted(expected)
     assert stored.complete.all() and (stored.bytes > 0).all()
     scanned = build_catalog(url, storage_options=store.options)
@@ -337,7 +337,7 @@ def test_an_incomplete_image_in_the_bucket_is_redone(store, sources, converted, 
         mist_zarr.read_image(f"{url}/{name}", storage_options=store.options)
     rows = {r["path"]: r["complete"] for r in list_images(url, storage_options=store.options)}
     assert rows == {n: n != name for n in expected}
-    scanned = mist_zarr.catalog(url, refresh=True, storage_options=store.options)
+    scanned = mist_zarr.catalog.catalog(url, refresh=True, storage_options=store.options)
     assert dict(zip(scanned.path, scanned.complete)) == rows
 
     before = store.versions(bucket)
@@ -354,7 +354,7 @@ def test_an_incomplete_image_in_the_bucket_is_redone(store, sources, converted, 
     for n, data in expected.items():
         np.testing.assert_array_equal(
             mist_zarr.read_image(f"{url}/{n}", storage_options=store.options), data)
-    stored = mist_zarr.catalog(url, storage_options=store.options)
+    stored = mist_zarr.catalog.catalog(url, storage_options=store.options)
     assert list(stored.path) == sorted(expected) and stored.complete.all()
 
 
@@ -374,7 +374,7 @@ def test_listing_sees_images_another_writer_added(store, converted):
     now = sorted(first + ["later/vol01", "site0/again"])
     assert [r["path"] for r in list_images(url, storage_options=store.options)] == now
     assert list(build_catalog(url, storage_options=store.options).path) == now
-    assert list(mist_zarr.catalog(url, refresh=True, storage_options=store.options).path) == now
+    assert list(mist_zarr.catalog.catalog(url, refresh=True, storage_options=store.options).path) == now
 
 
 def test_killed_cli_convert_into_s3_resumes(s3, tmp_path):
@@ -424,7 +424,7 @@ def test_killed_cli_convert_into_s3_resumes(s3, tmp_path):
     for name, data in expected.items():
         np.testing.assert_array_equal(
             mist_zarr.read_image(f"{url}/{name}", storage_options=s3.options), data)
-    assert list(mist_zarr.catalog(url, storage_options=s3.options).path) == sorted(expected)
+    assert list(mist_zarr.catalog.catalog(url, storage_options=s3.options).path) == sorted(expected)
 
 
 def test_distributed_convert_into_s3(s3, tmp_path):
@@ -447,8 +447,8 @@ def test_distributed_convert_into_s3(s3, tmp_path):
     assert report.ok, report.summary()
     assert sorted(r.path for r in report.converted) == [f"scans/b{i}" for i in range(4)]
     assert [r["path"] for r in list_images(url, storage_options=s3.options)] == sorted(expected)
-    assert list(mist_zarr.catalog(url, storage_options=s3.options).path) == sorted(expected)
-    assert list(mist_zarr.catalog(url, refresh=True, storage_options=s3.options).path) == \
+    assert list(mist_zarr.catalog.catalog(url, storage_options=s3.options).path) == sorted(expected)
+    assert list(mist_zarr.catalog.catalog(url, refresh=True, storage_options=s3.options).path) == \
         sorted(expected)
     for name, data in expected.items():
         np.testing.assert_array_equal(
@@ -478,6 +478,6 @@ def test_real_dicom_series_into_s3(s3, ct_volume):
     assert sorted(u[0] if isinstance(u, list) else u for u in per_slice) == uids
     small = mist_zarr.open(image, scale=2, storage_options=s3.options)
     assert small.shape == info.level_shape(2)
-    df = mist_zarr.catalog(url, storage_options=s3.options)
+    df = mist_zarr.catalog.catalog(url, storage_options=s3.options)
     assert list(df.path) == [result.path] and list(df.modality) == ["CT"]
     assert df.series_uid[0] == info.metadata["dicom"]["0020000E"]["Value"][0]

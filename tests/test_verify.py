@@ -40,7 +40,7 @@ def test_flipped_byte_is_found_by_the_checksum(image):
     data[len(data) // 2] ^= 0x40  # inside entropy-coded data: decodes silently to a wrong image
     chunk(image, 2).write_bytes(bytes(data))
     report = verify(image)
-    assert [(f.where, "checksum" in f.problem or "decode" in f.problem) for f in report.findings] \
+    assert [(f.key, "checksum" in f.reason or "decode" in f.reason) for f in report.findings] \
         == [("image/c/2/0/0", True)]
 
 
@@ -48,7 +48,7 @@ def test_truncated_chunk(image):
     data = chunk(image, 1).read_bytes()
     chunk(image, 1).write_bytes(data[: len(data) - 100])
     (finding, *_) = verify(image).findings
-    assert finding.where == "image/c/1/0/0" and "bytes, the index says" in finding.problem
+    assert finding.key == "image/c/1/0/0" and "bytes, the index says" in finding.reason
 
 
 def test_corrupt_index_is_found_and_refused_by_readers(image):
@@ -57,8 +57,8 @@ def test_corrupt_index_is_found_and_refused_by_readers(image):
     values[4, 0, 0, 2] += 3
     index[...] = values
     report = verify(image, levels=True)
-    assert {f.where for f in report.findings} == {"image/c/4/0/0"}
-    assert any("disagrees with the codestream" in f.problem for f in report.findings)
+    assert {f.key for f in report.findings} == {"image/c/4/0/0"}
+    assert any("disagrees with the codestream" in f.reason for f in report.findings)
     arr = zarr.open_array(MultiscaleStore(image), path="s2/image", mode="r")
     with pytest.raises(PrefixError, match="s2/image/c/4/0/0"):
         arr[4]
@@ -67,13 +67,13 @@ def test_corrupt_index_is_found_and_refused_by_readers(image):
 def test_deleted_chunk(image):
     chunk(image, 3).unlink()
     (finding,) = verify(image).findings
-    assert finding.where == "image/c/3/0/0" and finding.problem == "chunk is missing"
+    assert finding.key == "image/c/3/0/0" and finding.reason == "chunk is missing"
 
 
 def test_damaged_zarr_json(image):
     (image / "zarr.json").write_text("{ not json")
     (finding,) = verify(image).findings
-    assert finding.where == "zarr.json"
+    assert finding.key == "zarr.json"
     with pytest.raises(Exception):
         mist_zarr.read_image(image)
 
@@ -83,7 +83,7 @@ def test_incomplete_image_is_reported(image):
     doc["attributes"]["mist"]["complete"] = False
     (image / "zarr.json").write_text(json.dumps(doc))
     (finding,) = verify(image).findings
-    assert "incomplete" in finding.problem
+    assert "incomplete" in finding.reason
 
 
 def test_verify_against_sources(tmp_path):
@@ -97,7 +97,7 @@ def test_verify_against_sources(tmp_path):
     other[0, 0, 0] += 1
     nib.save(nib.Nifti1Image(other, np.eye(4)), tmp_path / "a.nii.gz")
     (finding,) = verify(tmp_path / "ds", source=tmp_path / "a.nii.gz").findings
-    assert finding.where == "source" and "differ" in finding.problem
+    assert finding.key == "source" and "differ" in finding.reason
 
 
 def test_cli_verify_exit_codes(image):

@@ -8,9 +8,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from ..errors import ConversionError
 
-__all__ = ["ConversionError", "LazyPlanes", "SourceImage", "missing_dependency", "safe_name"]
+from ..errors import ConversionError
+from ..format import ImageInfo
+
+# Refuse a source whose header declares more decoded pixel bytes than this
+# (before reading its pixels); every converter and convert use this one value.
+DEFAULT_MAX_BYTES = 8 << 30
+
+__all__ = ["DEFAULT_MAX_BYTES", "ConversionError", "ExportResult", "LazyPlanes", "SourceImage",
+           "StoredImage", "dicom_rescale", "dicom_window", "missing_dependency", "safe_name"]
 
 
 @dataclass
@@ -109,3 +116,52 @@ def safe_name(*parts: str, max_len: int = 64) -> str:
     text = "-".join(p for p in (str(x).strip() for x in parts) if p)
     text = re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("._-")
     return text[:max_len] or "unnamed"
+
+
+# -- export: what every exporter is given and returns --------------------------
+@dataclass(frozen=True)
+class StoredImage:
+    """A stored image opened once for export, at the level being exported.
+
+    ``source`` is what the caller named (for messages and file names),
+    ``group`` the physical image group, ``values`` level ``level``'s samples
+    in the dtype the image was written with.
+    """
+
+    source: Any
+    group: Any  # zarr.Group
+    info: ImageInfo
+    level: int
+    values: np.ndarray
+
+
+@dataclass
+class ExportResult:
+    """Files written by :func:`mist_zarr.export`."""
+
+    format: str
+    level: int
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _dicom_pair(info: ImageInfo, first: str, second: str) -> tuple[Any, Any]:
+    """First values of two DICOM JSON attributes of the series (None when absent)."""
+    ds = info.metadata.get("dicom") if isinstance(info.metadata, dict) else None
+    if not isinstance(ds, dict):
+        return None, None
+    return tuple((ds.get(tag, {}).get("Value") or [None])[0] for tag in (first, second))
+
+
+def dicom_rescale(info: ImageInfo) -> tuple[float, float] | None:
+    """(RescaleSlope, RescaleIntercept) of a DICOM-sourced image, None when it has neither."""
+    slope, inter = _dicom_pair(info, "00281053", "00281052")
+    if slope is None and inter is None:
+        return None
+    return float(slope if slope is not None else 1.0), float(inter if inter is not None else 0.0)
+
+
+def dicom_window(info: ImageInfo) -> tuple[float, float] | None:
+    """(WindowCenter, WindowWidth) of a DICOM-sourced image, None unless it has both."""
+    centre, width = _dicom_pair(info, "00281050", "00281051")
+    return (float(centre), float(width)) if centre is not None and width is not None else None

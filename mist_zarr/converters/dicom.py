@@ -88,7 +88,7 @@ from typing import Any, Union
 import numpy as np
 
 from . import _dicom_geometry as geom
-from .base import LazyPlanes
+from .base import DEFAULT_MAX_BYTES, LazyPlanes
 from ..errors import DicomError
 from ..errors import one_line as _one_line
 
@@ -107,9 +107,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-#: Default ceiling on the decoded size of one series (bytes).
-DEFAULT_MAX_BYTES = 4 * 1024**3
 
 #: Binary values longer than this are summarised in the JSON metadata (bytes).
 BULK_DATA_THRESHOLD = 1024

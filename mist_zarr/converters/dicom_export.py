@@ -26,9 +26,12 @@ import imagecodecs
 import numpy as np
 
 from ..codestream import parse_codestream
+from ..errors import ExportError
 from ..format import IMAGE, ImageInfo
 from ..layout import encode_kwargs, num_levels
-from .base import missing_dependency
+from ..reader import read_metadata
+from ..storage import get_bytes
+from .base import ExportResult, StoredImage, missing_dependency
 
 __all__ = ["HTJ2K_LOSSLESS", "HTJ2K_RPCL", "export_dicom", "htj2k_transfer_syntax"]
 
@@ -99,35 +102,29 @@ def _derived_uid(original: str, salt: str) -> str:
     return generate_uid(entropy_srcs=[original, "mist-zarr", salt])
 
 
-def export_dicom(store: Any, info: ImageInfo, k: int, out: Path, *, uncompressed: bool = False):
-    """Write level ``k`` of the DICOM-sourced image at ``store`` as a series under ``out``."""
+def export_dicom(stored: StoredImage, out: Path, *, uncompressed: bool = False) -> ExportResult:
+    """Write the level of the DICOM-sourced image ``stored`` as a series under ``out``."""
     try:
         import pydicom
         from pydicom.dataset import Dataset, FileMetaDataset
         from pydicom.encaps import encapsulate
     except ImportError as exc:  # pragma: no cover - core dependency
         raise missing_dependency("pydicom") from exc
-    from ..access import open as open_level
-    from ..export import ExportError, ExportResult
-    from ..reader import open_image
-
+    store, info, k = stored.source, stored.info, stored.level
     meta = info.metadata
     if "dicom" not in meta:
         raise ExportError(f"{store}: no DICOM metadata stored with this image")
     series = _strip_omitted(meta["dicom"])
-    from ..reader import read_metadata
-
-    full = read_metadata(store)
+    full = read_metadata(stored.group)
     per_slice: dict[str, list[Any]] = full.get("dicom_per_slice", {})
     per_vr: dict[str, str] = full.get("dicom_per_slice_vr", {})
-    values = open_level(store, scale=k).values
+    values = stored.values
     colour = "c" in info.dims
     plane_nd = 3 if colour else 2
     lead = values.shape[: values.ndim - plane_nd]
     slices = values.reshape((-1,) + values.shape[values.ndim - plane_nd:])
     n = slices.shape[0]
-    group, _ = open_image(store)
-    image = group[IMAGE]
+    image = stored.group[IMAGE]
     physical_slices = int(np.prod(info.grid[: len(lead)])) if lead else 1
     whole_plane = all(g == 1 for g in info.grid[len(lead):])
     notes: list[str] = []
@@ -219,8 +216,7 @@ def export_dicom(store: Any, info: ImageInfo, k: int, out: Path, *, uncompressed
                 coords = np.unravel_index(i, lead) if lead else ()
                 key = f"{image.store_path.path}/" + image.metadata.encode_chunk_key(
                     tuple(int(c) for c in coords) + (0,) * (len(info.grid) - len(lead)))
-                buf = _get(image.store_path.store, key)
-                stream = None if buf is None else buf
+                stream = get_bytes(image.store_path.store, key)
             if stream is None:
                 stream = imagecodecs.htj2k_encode(plane, **encode_kwargs(
                     max(1, num_levels(plane.shape[:2], info.alpha))))
@@ -246,14 +242,6 @@ def export_dicom(store: Any, info: ImageInfo, k: int, out: Path, *, uncompressed
     if positions is None and derived:
         notes.append("no patient geometry in the source: positions were not invented")
     return ExportResult("dicom", k, files, notes)
-
-
-def _get(store: Any, key: str) -> bytes | None:
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    buf = sync(store.get(key, default_buffer_prototype()))
-    return None if buf is None else buf.to_bytes()
 
 
 def _uses_rct(stream: bytes) -> bool:

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .base import ConversionError, SourceImage, missing_dependency, safe_name
+from ..errors import ExportError
+from ..format import ImageInfo
+from .base import (
+    ConversionError,
+    ExportResult,
+    SourceImage,
+    StoredImage,
+    dicom_rescale,
+    dicom_window,
+    missing_dependency,
+    safe_name,
+)
 
-__all__ = ["image_format", "read_image_file", "signature_format"]
+__all__ = ["export", "image_format", "read_image_file", "signature_format"]
 
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -166,3 +179,112 @@ def _read_tiff(path: Path, max_bytes: int | None) -> tuple[np.ndarray, dict[str,
                                   "TileByteCounts", "JPEGTables")}
     return data, {"pages": len(pages), "tags": tags, "lossy": lossy,
                   "photometric": tags.get("PhotometricInterpretation")}
+
+
+# -- export: one picture per plane -----------------------------------------------
+def export(image: StoredImage, out: Path, *, format: str, window: Sequence[float] | None = None,
+           bits: int | None = None) -> ExportResult:
+    """Write the level as PNG or JPEG pictures under ``out``, one per plane.
+
+    PNG keeps the samples losslessly (up to 16 bits; signed samples offset by
+    +32768 and recorded) unless ``bits=8``; JPEG is 8-bit (window or min-max).
+    """
+    from PIL import Image, PngImagePlugin
+
+    info, k, data, fmt = image.info, image.level, image.values, format
+    colour = "c" in info.dims
+    lead = data.shape[: data.ndim - (3 if colour else 2)]
+    out.mkdir(parents=True, exist_ok=True)
+    eight = fmt == "jpeg" or bits == 8
+    notes: list[str] = []
+    offset = 0
+    if not eight:
+        data, offset = _sixteen_bit(data, image.source, notes)
+    else:
+        notes.append("8-bit rendering: " + ("window " + str(tuple(window)) if window is not None
+                                             else "DICOM window" if dicom_window(info)
+                                             else "min-max of each slice"))
+    text = {
+        "mist_source_format": info.source_format,
+        "mist_level": str(k),
+        "mist_spacing_mm": json.dumps(list(info.level_spacing(k))),
+        "mist_affine": json.dumps(np.asarray(info.level_affine(k)).tolist()),
+    }
+    if offset:
+        text["mist_offset"] = str(-offset)
+    files = []
+    width = [len(str(max(n - 1, 0))) for n in lead]
+    base = Path(str(image.source).rstrip("/")).name.removesuffix(".zarr") or "image"
+    for idx in np.ndindex(*lead) if lead else [()]:
+        plane = data[idx]
+        suffix = "".join(f"_{d}{i:0{w}d}" for d, i, w in zip(info.dims, idx, width))
+        path = out / f"{base}{suffix}.{'png' if fmt == 'png' else 'jpg'}"
+        if eight:
+            pic = _to_8bit(plane, info, window) if plane.dtype != np.uint8 or window else plane
+        else:
+            pic = (plane.astype(np.int32) + offset).astype(np.uint16) if offset else plane
+            pic = _restore_mode(pic, info)
+        if fmt == "png":
+            info_chunk = PngImagePlugin.PngInfo()
+            for key, value in text.items():
+                info_chunk.add_text(key, value)
+            if not (eight or pic.dtype == np.uint8 or pic.ndim == 3):
+                pic = np.ascontiguousarray(pic.astype("<u2"))  # Pillow writes 16-bit grey as I;16
+            Image.fromarray(pic).save(path, pnginfo=info_chunk)
+        else:
+            if pic.ndim == 3 and pic.shape[-1] == 4:  # JPEG has no alpha channel
+                pic = pic[..., :3]
+                if "alpha channel dropped (JPEG has none)" not in notes:
+                    notes.append("alpha channel dropped (JPEG has none)")
+            Image.fromarray(np.ascontiguousarray(pic)).save(path, quality=90)
+        files.append(str(path))
+    return ExportResult(fmt, k, files, notes)
+
+
+def _sixteen_bit(data: np.ndarray, source: Any, notes: list[str]) -> tuple[np.ndarray, int]:
+    """Samples as PNG can hold them losslessly, and the offset added to signed ones."""
+    lo, hi = (int(data.min()), int(data.max())) if data.dtype.kind in "iub" else (0, -1)
+    offset = 0
+    if data.dtype.kind == "b":
+        return data.astype(np.uint8), 0
+    if data.dtype.kind == "f" or not (0 <= lo and hi <= 65535 or -32768 <= lo and hi <= 32767):
+        raise ExportError(
+            f"{source}: {data.dtype} samples in [{lo}, {hi}] do not fit a 16-bit PNG "
+            "losslessly; export 8-bit pictures (bits=8 / --bits 8, with a window) or NIfTI"
+        )
+    if lo < 0:
+        offset = 32768  # PNG has no signed samples
+        notes.append("signed samples written with +32768 (text chunk mist_offset = -32768)")
+    if data.dtype.itemsize > 2 or (data.dtype.kind == "i" and not offset):
+        data = data.astype(np.uint16 if hi > 255 or data.dtype.itemsize > 1 else np.uint8)
+    return data, offset
+
+
+def _to_8bit(plane: np.ndarray, info: ImageInfo, window: Sequence[float] | None) -> np.ndarray:
+    values = plane.astype(np.float64)
+    rescale = dicom_rescale(info)
+    if rescale is not None:
+        values = values * rescale[0] + rescale[1]
+    win = tuple(window) if window is not None else dicom_window(info)
+    if win is None:
+        lo, hi = float(values.min()), float(values.max())
+    else:
+        lo, hi = win[0] - win[1] / 2, win[0] + win[1] / 2
+    scaled = (values - lo) / max(hi - lo, 1e-12) * 255.0
+    out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    mono1 = isinstance(info.metadata, dict) and info.metadata.get("photometric") == "MONOCHROME1"
+    return 255 - out if mono1 else out
+
+
+def _restore_mode(plane: np.ndarray, info: ImageInfo) -> np.ndarray:
+    """Undo the channel reductions recorded at ingest (see :func:`_reduce_channels`)."""
+    meta = info.metadata.get(info.source_format, {}) if isinstance(info.metadata, dict) else {}
+    restore = meta.get("restore", {}) if isinstance(meta, dict) else {}
+    if restore.get("grey_as_rgb"):
+        plane = np.stack([plane] * 3, -1)
+    if restore.get("grey_alpha_as_rgba"):
+        plane = plane[..., [0, 3]]
+    if restore.get("alpha") == "opaque":
+        alpha = np.full(plane.shape[:2] + (1,), np.iinfo(plane.dtype).max, plane.dtype)
+        plane = np.concatenate([plane if plane.ndim == 3 else plane[..., None], alpha], -1)
+    return plane

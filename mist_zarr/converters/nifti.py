@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import base64
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .base import ConversionError, SourceImage, missing_dependency, safe_name
+from ..errors import ExportError
+from .base import (
+    ConversionError,
+    ExportResult,
+    SourceImage,
+    StoredImage,
+    dicom_rescale,
+    missing_dependency,
+    safe_name,
+)
 
-__all__ = ["is_nifti", "read_nifti"]
+__all__ = ["export", "is_nifti", "read_nifti"]
 
 _MAGICS = {b"n+1\x00", b"ni1\x00", b"n+2\x00", b"ni2\x00"}
 
@@ -177,3 +187,74 @@ def _read_nifti(path: str | Path, max_bytes: int | None) -> SourceImage:
         source_format="nifti", name=safe_name(name), metadata=metadata, warnings=warnings,
         source_files=[str(path)],
     )
+
+
+# -- export ------------------------------------------------------------------------
+def export(image: StoredImage, out: Path) -> ExportResult:
+    """Write the level as one NIfTI file (``.nii.gz`` unless ``out`` ends in ``.nii``).
+
+    A NIfTI-sourced image gets its own header back (pixdim and s/qform scaled
+    at reduced levels); any other image a NIfTI-1 header with its affine.
+    """
+    import nibabel as nib
+
+    info, k, data = image.info, image.level, image.values
+    if "c" in info.dims:  # NIfTI RGB24 / RGBA32: one structured voxel per colour sample
+        if data.dtype != np.uint8:
+            raise ExportError(f"{image.source}: NIfTI colour voxels are 8-bit; this image is "
+                              f"{data.dtype}")
+        order = tuple(range(data.ndim - 2, -1, -1)) + (data.ndim - 1,)
+        rgb = np.dtype([(name, "u1") for name in "RGBA"[: data.shape[-1]]])
+        spatial = np.ascontiguousarray(data.transpose(order)).view(rgb)[..., 0]
+    else:
+        spatial = data.T  # ([t,] z, y, x) -> (x, y, z[, t])
+    if spatial.ndim == 2:
+        spatial = spatial[:, :, np.newaxis]
+    meta = info.metadata.get("nifti") if isinstance(info.metadata, dict) else None
+    notes: list[str] = []
+    if meta:
+        img = _with_source_header(nib, spatial, info, k, meta, notes)
+    else:
+        affine = info.level_affine(k)
+        img = nib.Nifti1Image(spatial, affine)
+        img.header.set_sform(affine, 1)  # scanner-based anatomical coordinates
+        img.header.set_qform(affine, 1)
+        img.header.set_xyzt_units("mm", "sec")
+        img.header["descrip"] = f"mist-zarr level {k} of {info.source_format}"[:79].encode()
+        rescale = dicom_rescale(info)
+        if rescale is not None:
+            img.header.set_slope_inter(*rescale)
+    name = out if out.suffix in (".nii", ".gz") else out.with_name(out.name + ".nii.gz")
+    name.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, name)
+    return ExportResult("nifti", k, [str(name)], notes)
+
+
+def _with_source_header(nib: Any, spatial: np.ndarray, info: Any, k: int, meta: dict[str, Any],
+                        notes: list[str]) -> Any:
+    """The image with the source file's own header, scaled to level ``k``."""
+    affine = info.level_affine(k)
+    cls = nib.Nifti2Image if meta.get("version") == 2 else nib.Nifti1Image
+    header = cls.header_class.from_fileobj(io.BytesIO(base64.b64decode(meta["header_bytes"])),
+                                           check=False)
+    header.set_data_shape(spatial.shape)
+    header.set_data_dtype(spatial.dtype)
+    if k:
+        zooms = list(header.get_zooms())
+        zooms[0], zooms[1] = zooms[0] * 2**k, zooms[1] * 2**k
+        header.set_zooms(zooms)
+        if meta["sform_code"]:
+            header.set_sform(affine, meta["sform_code"])
+        if meta["qform_code"]:
+            header.set_qform(affine, meta["qform_code"])
+        notes.append(f"level {k}: pixdim and sform/qform scaled by {2**k} in x and y, "
+                     "origin unchanged")
+    for ext in meta.get("extensions", []):
+        header.extensions.append(
+            nib.nifti1.Nifti1Extension(ext["code"], base64.b64decode(ext["content"])))
+    img = cls(spatial, None, header=header)
+    # nibabel clears scl_* on construction; the stored integers keep the file's scaling
+    img.header.set_slope_inter(meta.get("scl_slope"), meta.get("scl_inter"))
+    img.header.set_sform(*header.get_sform(coded=True))
+    img.header.set_qform(*header.get_qform(coded=True))
+    return img
