@@ -82,7 +82,7 @@ def export(
     if fmt == "nifti":
         return _export_nifti(store, info, k, out)
     if fmt == "dicom":
-        from .converters.dicom_export import export_dicom
+        from .converters.dicom import export_dicom
 
         return export_dicom(store, info, k, out, uncompressed=uncompressed)
     return _export_pictures(store, info, k, out, fmt, window=window, bits=bits)

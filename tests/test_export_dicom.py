@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 import mist_zarr
-from mist_zarr.converters.dicom_export import HTJ2K_RPCL
+from mist_zarr.converters.dicom.export import HTJ2K_RPCL
 from mist_zarr.export import export
 
 from .conftest import shared

@@ -10,7 +10,17 @@ from typing import Any
 import numpy as np
 from ..errors import ConversionError
 
-__all__ = ["ConversionError", "LazyPlanes", "SourceImage", "missing_dependency", "safe_name"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "ConversionError",
+    "LazyPlanes",
+    "SourceImage",
+    "missing_dependency",
+    "safe_name",
+]
+
+#: Default ceiling on the decoded pixel memory of one source (a file, or a DICOM series), bytes.
+DEFAULT_MAX_BYTES = 8 << 30
 
 
 @dataclass

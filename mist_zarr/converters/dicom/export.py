@@ -25,10 +25,10 @@ from typing import Any
 import imagecodecs
 import numpy as np
 
-from ..codestream import parse_codestream
-from ..format import IMAGE, ImageInfo
-from ..layout import encode_kwargs, num_levels
-from .base import missing_dependency
+from ...codestream import parse_codestream
+from ...format import IMAGE, ImageInfo
+from ...layout import encode_kwargs, num_levels
+from ..base import missing_dependency
 
 __all__ = ["HTJ2K_LOSSLESS", "HTJ2K_RPCL", "export_dicom", "htj2k_transfer_syntax"]
 
@@ -107,15 +107,15 @@ def export_dicom(store: Any, info: ImageInfo, k: int, out: Path, *, uncompressed
         from pydicom.encaps import encapsulate
     except ImportError as exc:  # pragma: no cover - core dependency
         raise missing_dependency("pydicom") from exc
-    from ..access import open as open_level
-    from ..export import ExportError, ExportResult
-    from ..reader import open_image
+    from ...access import open as open_level
+    from ...export import ExportError, ExportResult
+    from ...reader import open_image
 
     meta = info.metadata
     if "dicom" not in meta:
         raise ExportError(f"{store}: no DICOM metadata stored with this image")
     series = _strip_omitted(meta["dicom"])
-    from ..reader import read_metadata
+    from ...reader import read_metadata
 
     full = read_metadata(store)
     per_slice: dict[str, list[Any]] = full.get("dicom_per_slice", {})
