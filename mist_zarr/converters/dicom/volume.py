@@ -52,7 +52,7 @@ class DicomVolume:
         units = {"t": "s", "z": "mm", "y": "mm", "x": "mm", "frame": ""}
         return tuple(units[d] for d in self.dims if d != "c")
 
-    def to_source_image(self) -> Any:
+    def to_source_image(self) -> SourceImage:
         """Return this volume as the writer's ``SourceImage`` (DICOM JSON under ``metadata["dicom"]``)."""
         spacing = self.spacing + ((1.0,) if "c" in self.dims else ())
         metadata = {

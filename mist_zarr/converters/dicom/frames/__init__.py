@@ -19,8 +19,6 @@ from .mosaic import _expand_mosaic
 from .record import _ClassicAttrs, _Frame, _read_classic
 from .rtdose import _expand_dose_grid, _grid_offsets
 
-__all__ = ["_Frame", "_expand_frames"]
-
 
 def _expand_frames(fi: int, info: _FileInfo) -> list[_Frame]:
     """Turn file ``fi`` into frame records (one per frame, or per mosaic tile)."""
