@@ -27,7 +27,7 @@ import imagecodecs
 import numpy as np
 
 from ...access import open as open_level
-from ...codestream import parse_codestream
+from ...codestream import parse_codestream, read_coding_style
 from ...errors import ExportError
 from ...format import IMAGE, ImageInfo
 from ...layout import encode_kwargs, num_levels
@@ -324,16 +324,7 @@ def _get(store: Any, key: str) -> bytes | None:
 
 def _uses_rct(stream: bytes) -> bool:
     """True if the codestream applies the reversible colour transform (COD SGcod MCT)."""
-    pos = 2
-    while pos + 4 <= len(stream):
-        marker = int.from_bytes(stream[pos:pos + 2], "big")
-        length = int.from_bytes(stream[pos + 2:pos + 4], "big")
-        if marker == 0xFF52:
-            return stream[pos + 4 + 5] == 1
-        if marker == 0xFF90:
-            break
-        pos += 2 + length
-    return False
+    return read_coding_style(stream).multiple_component_transform
 
 
 def _file_name(i: int, lead: tuple[int, ...], dims: tuple[str, ...]) -> str:
