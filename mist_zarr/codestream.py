@@ -20,11 +20,13 @@ from .errors import CodestreamError
 __all__ = [
     "Codestream",
     "CodestreamError",
+    "CodingStyle",
     "EOC",
     "SOT",
     "is_boundary",
     "parse_codestream",
     "prefix_lengths",
+    "read_coding_style",
 ]
 
 SOC = 0xFF4F
@@ -101,25 +103,20 @@ def _parse_tlm(body: memoryview) -> list[int]:
     return [struct.unpack_from(fmt, data, i + st)[0] for i in range(0, len(data), step)]
 
 
-def parse_codestream(data: bytes | bytearray | memoryview) -> Codestream:
-    """Parse the main header and tile-part chain of a codestream.
-
-    Raises :class:`CodestreamError` naming the offset and the problem when
-    the stream is truncated or inconsistent (for example TLM and SOT lengths
-    that disagree).
-    """
-    buf = memoryview(data).cast("B")
+def _main_header(
+    buf: memoryview,
+) -> tuple[int, memoryview | None, memoryview | None, bool, list[int] | None]:
+    """Walk the main header: (offset of the first SOT, SIZ body, COD body, HTJ2K, TLM lengths or None)."""
     if len(buf) < 4 or _u16(buf, 0) != SOC:
         raise CodestreamError("not a JPEG 2000 codestream: no SOC marker (0xFF4F) at byte 0")
     pos = 2
     siz = cod = None
     htj2k = False
-    tlm: list[int] = []
-    seen_tlm = False
+    tlm: list[int] | None = None
     while True:
         marker = _u16(buf, pos)
         if marker == SOT:
-            break
+            return pos, siz, cod, htj2k, tlm
         if marker >> 8 != 0xFF or marker < 0xFF30:
             raise CodestreamError(f"expected a marker at byte {pos}, found 0x{marker:04X}")
         if 0xFF30 <= marker <= 0xFF3F:  # markers without a segment
@@ -133,9 +130,47 @@ def parse_codestream(data: bytes | bytearray | memoryview) -> Codestream:
         elif marker == CAP:
             htj2k = True
         elif marker == TLM:
-            seen_tlm = True
-            tlm.extend(_parse_tlm(body))
+            tlm = (tlm or []) + _parse_tlm(body)
         pos += 4 + len(body)
+
+
+@dataclass(frozen=True)
+class CodingStyle:
+    """The main header's COD marker segment: how the tiles are coded."""
+
+    progression: str
+    levels: int
+    multiple_component_transform: bool
+    transform: int  # 1: reversible 5/3 wavelet, 0: irreversible 9/7
+
+    @property
+    def reversible(self) -> bool:
+        return self.transform == 1
+
+
+def read_coding_style(data: bytes | bytearray | memoryview) -> CodingStyle:
+    """Read COD from the main header only (tile data may be absent, e.g. a first fragment).
+
+    Raises :class:`CodestreamError` when the header is malformed or has no COD.
+    """
+    buf = memoryview(data).cast("B")
+    _pos, _siz, cod, _htj2k, _tlm = _main_header(buf)
+    if cod is None or len(cod) < 10:
+        raise CodestreamError("main header lacks a complete COD marker segment")
+    order = cod[1]
+    progression = PROGRESSION_ORDERS[order] if order < len(PROGRESSION_ORDERS) else f"unknown ({order})"
+    return CodingStyle(progression, cod[5], cod[4] == 1, cod[9])
+
+
+def parse_codestream(data: bytes | bytearray | memoryview) -> Codestream:
+    """Parse the main header and tile-part chain of a codestream.
+
+    Raises :class:`CodestreamError` naming the offset and the problem when
+    the stream is truncated or inconsistent (for example TLM and SOT lengths
+    that disagree).
+    """
+    buf = memoryview(data).cast("B")
+    pos, siz, cod, htj2k, tlm = _main_header(buf)
     if siz is None or cod is None:
         raise CodestreamError("main header lacks a SIZ or COD marker segment")
     if len(siz) < 36:
@@ -176,7 +211,7 @@ def parse_codestream(data: bytes | bytearray | memoryview) -> Codestream:
         pos += psot
     if pos >= len(buf) and (len(buf) < 2 or _u16(buf, len(buf) - 2) != EOC):
         raise CodestreamError(f"codestream of {len(buf)} bytes has no EOC marker: truncated")
-    if seen_tlm and tlm != [n for _, n in tile_parts]:
+    if tlm is not None and tlm != [n for _, n in tile_parts]:
         raise CodestreamError(
             f"TLM tile-part lengths {tlm} disagree with SOT lengths {[n for _, n in tile_parts]}"
         )
@@ -192,7 +227,7 @@ def parse_codestream(data: bytes | bytearray | memoryview) -> Codestream:
         block_size=(1 << ycb, 1 << xcb),
         htj2k=htj2k,
         tile_parts=tuple(tile_parts),
-        tlm=tuple(tlm) if seen_tlm else None,
+        tlm=tuple(tlm) if tlm is not None else None,
         length=len(buf),
     )
 

@@ -241,9 +241,9 @@ def plan(
         from .converters.dicom import scan_dicom
 
         scan = scan_dicom(dicom_files)
-        problems += [Problem(i.path, i.reason, kind="failed", key=str(Path(i.path).resolve()))
+        problems += [Problem(i.source, i.reason, kind="failed", key=str(Path(i.source).resolve()))
                      for i in scan.rejected]
-        problems += [Problem(i.path, i.reason, kind="skipped", key=str(Path(i.path).resolve()))
+        problems += [Problem(i.source, i.reason, kind="skipped", key=str(Path(i.source).resolve()))
                      for i in scan.skipped]
         for ref in scan.series:
             units.append(Unit("dicom", ref.key or ref.uid, list(ref.files), ref=ref))

@@ -19,7 +19,7 @@ from typing import Any
 from .converters import image as image_format
 from .converters import nifti
 from .converters.base import ExportResult, StoredImage
-from .converters.dicom_export import export_dicom
+from .converters.dicom import export_dicom
 from .errors import ExportError
 from .reader import open_image
 from .storage import open_source_store

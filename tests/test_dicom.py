@@ -36,8 +36,8 @@ from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.pixels import apply_color_lut
 from pydicom.uid import generate_uid
 
-from mist_zarr.converters import _dicom_geometry as geom
 from mist_zarr.converters import dicom as dcm
+from mist_zarr.converters.dicom import geometry as geom
 from mist_zarr.converters.dicom import (
     DicomError,
     DicomVolume,
@@ -46,6 +46,7 @@ from mist_zarr.converters.dicom import (
     scan_dicom,
     suggest_name,
 )
+from mist_zarr.errors import SourceIssue
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -404,14 +405,14 @@ def test_corpus_scan_accounts_for_every_file() -> None:
     walked = [os.path.join(r, f) for r, _, fs in os.walk(root) for f in fs]
     result = scan_dicom(root)
     seen = [f for s in result.series for f in s.files] + [
-        i.path for i in result.rejected + result.skipped
+        i.source for i in result.rejected + result.skipped
     ]
     assert sorted(seen) == sorted(walked)
     assert all(i.reason for i in result.rejected + result.skipped)
-    skipped = {os.path.basename(i.path): i.reason for i in result.skipped}
+    skipped = {os.path.basename(i.source): i.reason for i in result.skipped}
     assert "non-image" in skipped["liver_1frame.dcm"]  # SEG
     assert "non-image" in skipped["rtplan.dcm"] and "non-image" in skipped["reportsi.dcm"]
-    rejected = {os.path.basename(i.path): i.reason for i in result.rejected}
+    rejected = {os.path.basename(i.source): i.reason for i in result.rejected}
     assert rejected["MR_truncated.dcm"].startswith("truncated")
 
 
@@ -468,8 +469,8 @@ def test_tree_with_bad_files_reads_the_good_series(tmp_path: Path) -> None:
 
     result = scan_dicom(tmp_path)
     assert len(result.series) == 1 and len(result.series[0].files) == 5
-    rejected = {Path(i.path).name: i.reason for i in result.rejected}
-    skipped = {Path(i.path).name: i.reason for i in result.skipped}
+    rejected = {Path(i.source).name: i.reason for i in result.rejected}
+    skipped = {Path(i.source).name: i.reason for i in result.skipped}
     assert rejected.keys() == {"partial.dcm", "notes.txt"} and skipped.keys() == {"report.dcm"}
     assert "truncated" in rejected["partial.dcm"] and "not a DICOM" in rejected["notes.txt"]
     assert "non-image" in skipped["report.dcm"]
@@ -585,13 +586,12 @@ def test_max_bytes_is_checked_before_decoding(monkeypatch: pytest.MonkeyPatch) -
     def fail(*args, **kwargs):
         raise AssertionError("pixel data decoded despite the size limit")
 
-    monkeypatch.setattr(dcm, "_decode_file", fail)
+    monkeypatch.setattr(dcm.series, "_decode_file", fail)
     with pytest.raises(DicomError, match="exceeds max_bytes=1000"):
         read_dicom_series(_ct5n(), max_bytes=1000)
 
 
 def test_dicom_sources_hook_for_convert(tmp_path: Path) -> None:
-    convert = pytest.importorskip("mist_zarr.convert")
     for f in _ct5n():
         _copy(f, tmp_path / "ct" / os.path.basename(f))
     shutil.copy(get_testdata_file("reportsi.dcm"), tmp_path / "report.dcm")
@@ -606,7 +606,7 @@ def test_dicom_sources_hook_for_convert(tmp_path: Path) -> None:
         json.dumps(img.metadata)
     kinds = {Path(p.source).name: p.kind for p in problems}
     assert kinds == {"report.dcm": "skipped", "truncated.dcm": "failed"}
-    assert all(isinstance(p, convert.Problem) and p.reason for p in problems)
+    assert all(isinstance(p, SourceIssue) and p.reason for p in problems)
 
 
 def test_non_dicom_file_is_a_dicom_error(tmp_path: Path) -> None:

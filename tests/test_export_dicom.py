@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 import mist_zarr
-from mist_zarr.converters.dicom_export import HTJ2K_RPCL
+from mist_zarr.converters.dicom.export import HTJ2K_RPCL
 from mist_zarr.export import export
 
 from .conftest import shared
@@ -134,3 +134,40 @@ def test_nifti_export_of_a_dicom_series_agrees_with_dcm2niix(stores, tmp_path):
                                                      img.affine)) for img in (ours, ref))
     np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
     np.testing.assert_allclose(a.affine, b.affine, atol=1e-3)
+
+
+
+def _rgb_secondary_capture(path, rows, cols):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID = "OT", "rgb"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, cols, 3
+    ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    pixels = np.random.default_rng(12).integers(0, 256, (rows, cols, 3), dtype=np.uint8)
+    ds.PixelData = pixels.tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return pixels
+
+
+@pytest.mark.parametrize("rows, cols", [(72, 72), (200, 300)])  # 1 and 2 wavelet levels
+def test_colour_frames_coded_with_the_rct_are_labelled_ybr_rct(tmp_path, rows, cols):
+    # PS3.5 8.2.4: a JPEG 2000 frame that applies the reversible colour transform is YBR_RCT
+    (tmp_path / "src").mkdir()
+    pixels = _rgb_secondary_capture(tmp_path / "src" / "rgb.dcm", rows, cols)
+    store = reconvert(tmp_path / "src", tmp_path / "ds")
+    (path,) = export(store, tmp_path / "dcm", format="dicom").files
+    ds = pydicom.dcmread(path)
+    frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    style = mist_zarr.codestream.read_coding_style(frame)
+    assert style.levels == (1 if rows == 72 else 2)
+    assert ds.PhotometricInterpretation == ("YBR_RCT" if style.multiple_component_transform else "RGB")
+    np.testing.assert_array_equal(ds.pixel_array, pixels)

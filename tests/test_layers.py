@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # Cycles that the rest of issue 12 removes: (importer, imported) of the import that
 # closes each one. An entry that is no longer a cycle fails the test: delete it then.
 PENDING_CYCLES = {
-    ("mist_zarr.converters.dicom", "mist_zarr.convert"),  # dicom_sources' Problem (12-dicom)
 }
 
 

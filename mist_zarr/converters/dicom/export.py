@@ -19,19 +19,20 @@ DerivationDescription.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import imagecodecs
 import numpy as np
 
-from ..codestream import parse_codestream
-from ..errors import ExportError
-from ..format import IMAGE, ImageInfo
-from ..layout import encode_kwargs, num_levels
-from ..reader import read_metadata
-from ..storage import get_bytes
-from .base import ExportResult, StoredImage, missing_dependency
+from ...codestream import parse_codestream, read_coding_style
+from ...errors import ExportError
+from ...format import IMAGE, ImageInfo
+from ...layout import encode_kwargs, num_levels
+from ...reader import read_metadata
+from ...storage import get_bytes
+from ..base import ExportResult, StoredImage, missing_dependency
 
 __all__ = ["HTJ2K_LOSSLESS", "HTJ2K_RPCL", "export_dicom", "htj2k_transfer_syntax"]
 
@@ -102,37 +103,84 @@ def _derived_uid(original: str, salt: str) -> str:
     return generate_uid(entropy_srcs=[original, "mist-zarr", salt])
 
 
+@dataclass
+class _Level:
+    """What every exported slice of one level needs: the stored image, its layout and identity."""
+
+    store: Any
+    info: ImageInfo
+    k: int
+    uncompressed: bool
+    image: Any  # the stored zarr array (its level-0 chunks are reused)
+    slices: np.ndarray  # (n, rows, cols[, c]) values of level k
+    lead: tuple[int, ...]  # the leading (non-plane) axes
+    positions: list[Any] | None
+    affine_lps: np.ndarray
+    series_uid: str
+    split_instances: bool  # one source instance holds several slices
+    sop_class: str
+    image_type: list[str]
+
+    @property
+    def derived(self) -> bool:
+        return self.k > 0
+
+    @property
+    def colour(self) -> bool:
+        return "c" in self.info.dims
+
+    @property
+    def whole_plane(self) -> bool:
+        return all(g == 1 for g in self.info.grid[len(self.lead):])
+
+    @property
+    def passthrough_layout(self) -> bool:
+        """Level 0, one chunk per slice: the stored chunks can be the frames as they are."""
+        physical = int(np.prod(self.info.grid[: len(self.lead)])) if self.lead else 1
+        return not self.derived and self.whole_plane and self.slices.shape[0] == physical
+
+
 def export_dicom(stored: StoredImage, out: Path, *, uncompressed: bool = False) -> ExportResult:
     """Write the level of the DICOM-sourced image ``stored`` as a series under ``out``."""
     try:
         import pydicom
-        from pydicom.dataset import Dataset, FileMetaDataset
-        from pydicom.encaps import encapsulate
+        from pydicom.dataset import Dataset
     except ImportError as exc:  # pragma: no cover - core dependency
         raise missing_dependency("pydicom") from exc
     store, info, k = stored.source, stored.info, stored.level
     meta = info.metadata
     if "dicom" not in meta:
         raise ExportError(f"{store}: no DICOM metadata stored with this image")
-    series = _strip_omitted(meta["dicom"])
     full = read_metadata(stored.group)
     per_slice: dict[str, list[Any]] = full.get("dicom_per_slice", {})
     per_vr: dict[str, str] = full.get("dicom_per_slice_vr", {})
-    values = stored.values
-    colour = "c" in info.dims
-    plane_nd = 3 if colour else 2
+    notes: list[str] = []
+    base = Dataset.from_json(_strip_omitted(meta["dicom"]))
+    level = _open_level(stored, base, per_slice, notes, uncompressed)
+    out.mkdir(parents=True, exist_ok=True)
+    new_series_uid = (_derived_uid(level.series_uid, f"level-{k}") if level.derived
+                      else level.series_uid)
+    files = []
+    for i in range(level.slices.shape[0]):
+        ds = _slice_dataset(base, per_slice, per_vr, i)
+        _set_geometry(ds, info, k, i, level.lead, level.positions, level.affine_lps)
+        _set_identity(ds, level, i, new_series_uid)
+        _set_pixel_data(ds, level, i, meta)
+        path = out / _file_name(i, level.lead, info.dims)
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        files.append(str(path))
+    if level.positions is None and level.derived:
+        notes.append("no patient geometry in the source: positions were not invented")
+    return ExportResult("dicom", k, files, notes)
+
+
+def _open_level(stored: StoredImage, base: Any, per_slice: dict[str, list[Any]],
+                notes: list[str], uncompressed: bool) -> _Level:
+    """Take the opened level and turn the series attributes in ``base`` into classic single-frame ones."""
+    store, info, k, values = stored.source, stored.info, stored.level, stored.values
+    plane_nd = 3 if "c" in info.dims else 2
     lead = values.shape[: values.ndim - plane_nd]
     slices = values.reshape((-1,) + values.shape[values.ndim - plane_nd:])
-    n = slices.shape[0]
-    image = stored.group[IMAGE]
-    physical_slices = int(np.prod(info.grid[: len(lead)])) if lead else 1
-    whole_plane = all(g == 1 for g in info.grid[len(lead):])
-    notes: list[str] = []
-    derived = k > 0
-    positions = per_slice.get("position_lps")
-    affine_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ info.level_affine(k)
-    out.mkdir(parents=True, exist_ok=True)
-    base = Dataset.from_json(series)
     sop_class = str(base.get("SOPClassUID", ""))
     if sop_class in _CLASSIC:
         notes.append(f"enhanced/multi-frame {sop_class} written as classic {_CLASSIC[sop_class]} "
@@ -144,7 +192,6 @@ def export_dicom(stored: StoredImage, out: Path, *, uncompressed: bool = False) 
     if "MOSAIC" in image_type:
         image_type = [v for v in image_type if v != "MOSAIC"]
         notes.append("Siemens mosaic written as its de-mosaicked slices")
-    files = []
     series_uid = str(base.get("SeriesInstanceUID", "")) or _derived_uid(
         str(base.get("StudyInstanceUID", "")) + str(base.get("SeriesNumber", "")) +
         str(per_slice.get("SOPInstanceUID", [""])[0]), "series")
@@ -152,110 +199,121 @@ def export_dicom(stored: StoredImage, out: Path, *, uncompressed: bool = False) 
     # exported slice then needs its own instance UID and number
     sop_column = [str(v[0] if isinstance(v, list) and v else v or "")
                   for v in per_slice.get("SOPInstanceUID", [])]
-    split_instances = len(set(sop_column)) < n
     if not sop_class:
         sop_class = _SOP_BY_MODALITY.get(str(base.get("Modality", "")), _SECONDARY_CAPTURE)
         base.SOPClassUID = sop_class
         notes.append(f"no SOPClassUID in the source: {sop_class} from the modality")
-    new_series_uid = _derived_uid(series_uid, f"level-{k}") if derived else series_uid
-    for i in range(n):
-        ds = copy.deepcopy(base)
-        for key, column in per_slice.items():
-            if key in _NOT_DICOM or i >= len(column) or column[i] is None:
+    return _Level(
+        store=store, info=info, k=k, uncompressed=uncompressed, image=stored.group[IMAGE],
+        slices=slices, lead=lead, positions=per_slice.get("position_lps"),
+        affine_lps=np.diag([-1.0, -1.0, 1.0, 1.0]) @ info.level_affine(k),
+        series_uid=series_uid, split_instances=len(set(sop_column)) < slices.shape[0],
+        sop_class=sop_class, image_type=image_type,
+    )
+
+
+def _slice_dataset(base: Any, per_slice: dict[str, list[Any]], per_vr: dict[str, str], i: int) -> Any:
+    """The series attributes with slice ``i``'s own values of the attributes that vary."""
+    from pydicom.dataset import Dataset
+
+    ds = copy.deepcopy(base)
+    for key, column in per_slice.items():
+        if key in _NOT_DICOM or i >= len(column) or column[i] is None:
+            continue
+        try:
+            tag = _tag(key)
+        except KeyError:
+            continue
+        value = column[i]
+        elem = {"vr": per_vr.get(key, "UN")}
+        if isinstance(value, str) and elem["vr"] in ("OB", "OW", "OD", "OF", "OL", "OV", "UN"):
+            if value.startswith(_OMITTED):
                 continue
-            try:
-                tag = _tag(key)
-            except KeyError:
-                continue
-            value = column[i]
-            elem = {"vr": per_vr.get(key, "UN")}
-            if isinstance(value, str) and elem["vr"] in ("OB", "OW", "OD", "OF", "OL", "OV", "UN"):
-                if value.startswith(_OMITTED):
-                    continue
-                elem["InlineBinary"] = value
-            else:
-                elem["Value"] = value if isinstance(value, list) else [value]
-            ds.update(Dataset.from_json({tag: elem}))
-        _set_geometry(ds, info, k, i, lead, positions, affine_lps)
-        plane = np.ascontiguousarray(slices[i])
-        # Level 0 reuses the stored chunk when its samples have the source's width;
-        # unsigned sources are stored signed (headroom for the levels), so the
-        # frame is then described as signed: same values, PixelRepresentation 1.
-        passthrough = (not uncompressed and not derived and whole_plane
-                       and n == physical_slices and info.stored_dtype.itemsize == plane.dtype.itemsize)
-        _set_pixel_module(ds, plane.astype(info.stored_dtype) if passthrough else plane, meta)
-        if derived:  # low-pass samples may overshoot the source's BitsStored range
-            ds.BitsStored, ds.HighBit = ds.BitsAllocated, ds.BitsAllocated - 1
-        sop_uid = str(ds.get("SOPInstanceUID", "")) or _derived_uid(series_uid, f"instance-{i}")
-        if split_instances:
-            sop_uid = _derived_uid(sop_uid, f"slice-{i}")
-            ds.InstanceNumber = i + 1
-        if derived:
-            sop_uid = _derived_uid(sop_uid, f"level-{k}")
-            ds.ImageType = ["DERIVED", "SECONDARY"] + image_type[2:]
-            ds.DerivationDescription = (
-                f"mist-zarr level {k}: HTJ2K resolution {k} (5/3 wavelet low-pass), "
-                f"{2**k}x fewer samples in rows and columns, origin unchanged")[:1024]
-            for keyword in ("LargestImagePixelValue", "SmallestImagePixelValue"):
-                if keyword in ds:
-                    del ds[keyword]
-        elif image_type:
-            ds.ImageType = image_type
-        ds.SOPInstanceUID = sop_uid
-        ds.SeriesInstanceUID = new_series_uid
-        if sop_class in _CLASSIC:
-            ds.SOPClassUID = _CLASSIC[sop_class]
-        if "NumberOfFrames" in ds:
-            del ds["NumberOfFrames"]
-        # pixel data: the stored chunk as is at level 0, else encode the level
-        if uncompressed or colour and not whole_plane:
-            syntax, pixel = EXPLICIT_LE, plane.astype(plane.dtype.newbyteorder("<")).tobytes()
+            elem["InlineBinary"] = value
         else:
-            stream = None
-            if passthrough:
-                coords = np.unravel_index(i, lead) if lead else ()
-                key = f"{image.store_path.path}/" + image.metadata.encode_chunk_key(
-                    tuple(int(c) for c in coords) + (0,) * (len(info.grid) - len(lead)))
-                stream = get_bytes(image.store_path.store, key)
-            if stream is None:
-                stream = imagecodecs.htj2k_encode(plane, **encode_kwargs(
-                    max(1, num_levels(plane.shape[:2], info.alpha))))
-            syntax = htj2k_transfer_syntax(stream)
-            cs = parse_codestream(stream)
-            ds.BitsStored, ds.HighBit = cs.bit_depth, cs.bit_depth - 1
-            if colour:
-                ds.PhotometricInterpretation = "YBR_RCT" if _uses_rct(stream) else "RGB"
-            pixel = encapsulate([stream])
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = syntax
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-        ds.PixelData = pixel
-        if syntax != EXPLICIT_LE:
-            ds["PixelData"].VR = "OB"
-            ds["PixelData"].is_undefined_length = True
-            ds.LossyImageCompression = ds.get("LossyImageCompression", "00") or "00"
-        name = _file_name(i, lead, info.dims)
-        path = out / name
-        pydicom.dcmwrite(path, ds, enforce_file_format=True)
-        files.append(str(path))
-    if positions is None and derived:
-        notes.append("no patient geometry in the source: positions were not invented")
-    return ExportResult("dicom", k, files, notes)
+            elem["Value"] = value if isinstance(value, list) else [value]
+        ds.update(Dataset.from_json({tag: elem}))
+    return ds
+
+
+def _set_identity(ds: Any, level: _Level, i: int, new_series_uid: str) -> None:
+    """UIDs, instance number, ImageType and derivation of exported slice ``i``."""
+    k = level.k
+    sop_uid = str(ds.get("SOPInstanceUID", "")) or _derived_uid(level.series_uid, f"instance-{i}")
+    if level.split_instances:
+        sop_uid = _derived_uid(sop_uid, f"slice-{i}")
+        ds.InstanceNumber = i + 1
+    if level.derived:
+        sop_uid = _derived_uid(sop_uid, f"level-{k}")
+        ds.ImageType = ["DERIVED", "SECONDARY"] + level.image_type[2:]
+        ds.DerivationDescription = (
+            f"mist-zarr level {k}: HTJ2K resolution {k} (5/3 wavelet low-pass), "
+            f"{2**k}x fewer samples in rows and columns, origin unchanged")[:1024]
+        for keyword in ("LargestImagePixelValue", "SmallestImagePixelValue"):
+            if keyword in ds:
+                del ds[keyword]
+    elif level.image_type:
+        ds.ImageType = level.image_type
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID = new_series_uid
+    if level.sop_class in _CLASSIC:
+        ds.SOPClassUID = _CLASSIC[level.sop_class]
+    if "NumberOfFrames" in ds:
+        del ds["NumberOfFrames"]
+
+
+def _set_pixel_data(ds: Any, level: _Level, i: int, meta: dict[str, Any]) -> None:
+    """Image pixel module, pixel data and file meta of slice ``i`` (after _set_identity)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.encaps import encapsulate
+
+    info, colour = level.info, level.colour
+    plane = np.ascontiguousarray(level.slices[i])
+    # Level 0 reuses the stored chunk when its samples have the source's width;
+    # unsigned sources are stored signed (headroom for the levels), so the
+    # frame is then described as signed: same values, PixelRepresentation 1.
+    passthrough = (not level.uncompressed and level.passthrough_layout
+                   and info.stored_dtype.itemsize == plane.dtype.itemsize)
+    _set_pixel_module(ds, plane.astype(info.stored_dtype) if passthrough else plane, meta)
+    if level.derived:  # low-pass samples may overshoot the source's BitsStored range
+        ds.BitsStored, ds.HighBit = ds.BitsAllocated, ds.BitsAllocated - 1
+    # pixel data: the stored chunk as is at level 0, else encode the level
+    if level.uncompressed or colour and not level.whole_plane:
+        syntax, pixel = EXPLICIT_LE, plane.astype(plane.dtype.newbyteorder("<")).tobytes()
+    else:
+        stream = _stored_chunk(level, i) if passthrough else None
+        if stream is None:
+            stream = imagecodecs.htj2k_encode(plane, **encode_kwargs(
+                max(1, num_levels(plane.shape[:2], info.alpha))))
+        syntax = htj2k_transfer_syntax(stream)
+        cs = parse_codestream(stream)
+        ds.BitsStored, ds.HighBit = cs.bit_depth, cs.bit_depth - 1
+        if colour:
+            ds.PhotometricInterpretation = "YBR_RCT" if _uses_rct(stream) else "RGB"
+        pixel = encapsulate([stream])
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PixelData = pixel
+    if syntax != EXPLICIT_LE:
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        ds.LossyImageCompression = ds.get("LossyImageCompression", "00") or "00"
+
+
+def _stored_chunk(level: _Level, i: int) -> bytes | None:
+    """The stored level-0 codestream of slice ``i`` (one chunk per slice)."""
+    coords = np.unravel_index(i, level.lead) if level.lead else ()
+    image = level.image
+    key = f"{image.store_path.path}/" + image.metadata.encode_chunk_key(
+        tuple(int(c) for c in coords) + (0,) * (len(level.info.grid) - len(level.lead)))
+    return get_bytes(image.store_path.store, key)
 
 
 def _uses_rct(stream: bytes) -> bool:
     """True if the codestream applies the reversible colour transform (COD SGcod MCT)."""
-    pos = 2
-    while pos + 4 <= len(stream):
-        marker = int.from_bytes(stream[pos:pos + 2], "big")
-        length = int.from_bytes(stream[pos + 2:pos + 4], "big")
-        if marker == 0xFF52:
-            return stream[pos + 4 + 5] == 1
-        if marker == 0xFF90:
-            break
-        pos += 2 + length
-    return False
+    return read_coding_style(stream).multiple_component_transform
 
 
 def _file_name(i: int, lead: tuple[int, ...], dims: tuple[str, ...]) -> str:

@@ -1,0 +1,319 @@
+"""Header-only reads of one file: pixel data extent and size checks, non-image classification.
+
+A file that cannot be part of a series raises the internal :class:`_Refused`
+carrying a :class:`~mist_zarr.errors.SourceIssue` (kind "rejected" for files
+that are not readable DICOM, "skipped" for DICOM objects without an image).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...errors import DicomError, SourceIssue, one_line
+from .jsonmodel import _element_signature, _is_metadata_tag, _JsonBuilder
+from .tags import _get, _int, _pydicom, _text
+
+_PIXEL_TAGS = {
+    0x7FE00010: "PixelData",
+    0x7FE00008: "FloatPixelData",
+    0x7FE00009: "DoubleFloatPixelData",
+}
+
+_EXPLICIT_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+
+# SOP classes that never carry an image volume (matched as a UID or UID prefix).
+_NON_IMAGE_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, registration, fiducials, SEG, surface SEG, tractography ...
+    "1.2.840.10008.5.1.4.1.1.88",  # structured reports, including key object selection
+    "1.2.840.10008.5.1.4.1.1.11",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.9",  # waveforms
+    "1.2.840.10008.5.1.4.1.1.104",  # encapsulated PDF / CDA / STL / OBJ / MTL
+    "1.2.840.10008.5.1.4.1.1.67",  # real world value mapping
+    "1.2.840.10008.5.1.4.38",  # hanging protocols
+    "1.2.840.10008.5.1.4.39",  # colour palettes
+    "1.2.840.10008.1.3.10",  # media storage directory (DICOMDIR)
+)
+
+_RT_PREFIX = "1.2.840.10008.5.1.4.1.1.481"
+
+_RT_IMAGE_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.481.1",
+    "1.2.840.10008.5.1.4.1.1.481.2",
+}  # RT Image, RT Dose
+
+_NON_IMAGE_MODALITIES = {
+    "SEG",
+    "SR",
+    "RTSTRUCT",
+    "RTPLAN",
+    "RTRECORD",
+    "PR",
+    "KO",
+    "REG",
+    "FID",
+    "RWV",
+    "DOC",
+    "PLAN",
+}
+
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+class _Refused(Exception):
+    """Internal: a file is not read as part of a series; ``issue`` says why."""
+
+    def __init__(self, path: str, reason: str, kind: str = "rejected") -> None:
+        super().__init__(reason)
+        self.issue = SourceIssue(path, reason, kind=kind)
+
+
+@dataclass(frozen=True)
+class _PixelLoc:
+    """Where a pixel data element's value lies in its file."""
+
+    vr: str | None
+    start: int
+    end: int
+    undefined_length: bool
+
+
+def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
+    """Read a file's header (up to the pixel data) and check the pixel data is complete.
+
+    Returns the header dataset, the pixel data tag (None if absent) and the
+    location of its value (None if absent or deflated). Raises _Refused for
+    non-DICOM, unreadable or truncated files.
+    """
+    _pydicom()
+    from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_partial
+
+    captured: dict[str, Any] = {}
+    loc = None
+
+    def stop(tag: int, vr: str | None, length: int) -> bool:
+        if int(tag) in _PIXEL_TAGS:
+            captured.update(tag=int(tag), vr=vr, length=length)
+            return True
+        return False
+
+    try:
+        with open(path, "rb") as fp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_partial(fp, stop_when=stop, force=False)
+            ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+            if not ts:
+                raise _Refused(path, "File Meta Information has no TransferSyntaxUID")
+            if captured and str(ts) != _DEFLATED:
+                loc = _check_pixel_extent(path, fp, ds, ts, captured)
+    except _Refused:
+        raise
+    except InvalidDicomError:
+        raise _Refused(
+            path, "not a DICOM Part 10 file (no 'DICM' prefix / File Meta Information)"
+        ) from None
+    except IsADirectoryError:
+        raise _Refused(path, "is a directory") from None
+    except OSError as exc:
+        raise _Refused(path, f"cannot read file ({one_line(exc)})") from None
+    except Exception as exc:
+        raise _Refused(path, f"unreadable DICOM header ({one_line(exc)})") from None
+    return ds, captured.get("tag"), loc
+
+
+def _check_pixel_extent(path: str, fp: Any, ds: Any, ts: Any, captured: dict[str, Any]) -> _PixelLoc:
+    """Return where the pixel data value lies; raise _Refused if it runs past the end of the file."""
+    start = fp.tell()  # pydicom rewinds to the start of the pixel data element
+    size = os.fstat(fp.fileno()).st_size
+    vr, length, name = captured["vr"], captured["length"], _PIXEL_TAGS[captured["tag"]]
+    header = 12 if (not ts.is_implicit_VR and vr in _EXPLICIT_LONG_VRS) else 8
+    value_start = start + header
+    if length != 0xFFFFFFFF:
+        available = size - value_start
+        if available < length:
+            raise _Refused(
+                path,
+                f"truncated: {name} declares {length} bytes but the file holds {max(available, 0)}",
+            )
+        expected = _expected_native_bytes(ds)
+        if (
+            captured["tag"] == 0x7FE00010
+            and not ts.is_encapsulated
+            and expected is not None
+            and length < expected
+        ):
+            raise _Refused(
+                path,
+                f"pixel data too short: {length} bytes for an image of {expected} bytes "
+                "(Rows x Columns x frames x samples x BitsAllocated)",
+            )
+        return _PixelLoc(vr, value_start, value_start + length, False)
+    fp.seek(value_start)
+    pos, items = value_start, 0
+    while True:
+        head = fp.read(8)
+        if len(head) < 8:
+            raise _Refused(
+                path,
+                f"truncated: encapsulated {name} ends after {items} item(s) without its delimiter",
+            )
+        group, elem, item_len = struct.unpack("<HHL", head)
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return _PixelLoc(vr, value_start, pos, True)
+        if (group, elem) != (0xFFFE, 0xE000) or item_len == 0xFFFFFFFF:
+            raise _Refused(
+                path,
+                f"malformed encapsulated {name}: unexpected item ({group:04X},{elem:04X}) at byte {pos}",
+            )
+        pos += 8 + item_len
+        if pos > size:
+            raise _Refused(
+                path,
+                f"truncated: encapsulated {name} item {items} needs {item_len} bytes, file ends {pos - size} bytes short",
+            )
+        fp.seek(pos)
+        items += 1
+
+
+def _expected_native_bytes(ds: Any) -> int | None:
+    """Return the size of native (uncompressed) pixel data implied by the header, or None."""
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        if samples == 3 and str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+            samples = 2  # chroma sub-sampled horizontally: Y Y Cb Cr per two pixels
+        bits = int(ds.Rows) * int(ds.Columns) * frames * samples * int(ds.BitsAllocated)
+    except Exception:
+        return None
+    return (bits + 7) // 8
+
+
+def _non_image_reason(ds: Any, pixel_tag: int | None) -> tuple[str, str] | None:
+    """Return (kind, reason) when a DICOM object holds no image to read, else None."""
+    from pydicom.uid import UID
+
+    sop = _text(ds, "SOPClassUID") or _text(
+        getattr(ds, "file_meta", None), "MediaStorageSOPClassUID"
+    )
+    name = UID(sop).name if sop else "unknown SOP class"
+    if any(sop == p or sop.startswith(p + ".") for p in _NON_IMAGE_SOP_CLASSES) or (
+        sop.startswith(_RT_PREFIX + ".") and sop not in _RT_IMAGE_CLASSES
+    ):
+        return "skipped", f"non-image object: {name}"
+    modality = _text(ds, "Modality").upper()
+    if modality in _NON_IMAGE_MODALITIES:
+        return "skipped", f"non-image object: Modality {modality} ({name})"
+    if pixel_tag is None:
+        if "Rows" in ds or "Columns" in ds:
+            return (
+                "rejected",
+                f"image attributes present but no pixel data element (truncated file?) ({name})",
+            )
+        return "skipped", f"no pixel data ({name})"
+    return None
+
+
+@dataclass
+class _FileInfo:
+    path: str
+    ds: Any
+    ts: Any
+    rows: int
+    cols: int
+    spp: int
+    bits_allocated: int
+    pixel_representation: int
+    photometric: str
+    n_frames: int
+    enhanced: bool
+    signature: dict[
+        str, Any
+    ]  # tag -> element fingerprint, to find attributes that vary between files
+    pixel_loc: _PixelLoc | None
+    builder: _JsonBuilder
+    warnings: list[str] = field(default_factory=list)
+    mosaic: tuple[int, int, int] | None = None  # (tiles per side, tile rows, tile columns)
+
+    @property
+    def charset(self) -> str:
+        return _text(self.ds, "SpecificCharacterSet")
+
+    def json(self) -> dict[str, Any]:
+        """Return the DICOM JSON model of the header (no pixel data, group lengths or per-frame groups)."""
+        return {
+            t: v
+            for t in self.signature
+            if (v := self.builder.element(self.ds, t, self.charset)) is not None
+        }
+
+    def element_json(self, tag: str) -> dict[str, Any] | None:
+        """Return the DICOM JSON model of one top-level element, or None if absent or invalid."""
+        return self.builder.element(self.ds, tag, self.charset)
+
+    def perframe(self, index: int) -> dict[str, Any] | None:
+        """Return the JSON model of one item of PerFrameFunctionalGroupsSequence."""
+        items = _get(self.ds, "PerFrameFunctionalGroupsSequence") or []
+        return self.builder.dataset(items[index], self.charset) if index < len(items) else None
+
+
+def _load_file(path: str, builder: _JsonBuilder) -> _FileInfo:
+    """Read one file's header into a _FileInfo; raises DicomError naming the file."""
+    try:
+        ds, pixel_tag, loc = _read_header(path)
+    except _Refused as r:
+        raise DicomError(f"{path}: {r.issue.reason}") from None
+    # fingerprint before any attribute is parsed, so that every file is compared in the same state
+    tags = [f"{int(t):08X}" for t in ds.keys()]  # noqa: SIM118 (a Dataset iterates elements)
+    signature = {
+        t: _element_signature(ds.get_item(int(t, 16))) for t in tags if _is_metadata_tag(t)
+    }
+    if pixel_tag is None:
+        raise DicomError(f"{path}: no pixel data")
+    if pixel_tag != 0x7FE00010:
+        raise DicomError(
+            f"{path}: {_PIXEL_TAGS[pixel_tag]} (floating point) cannot be stored losslessly as integers; refused"
+        )
+    values: dict[str, int] = {}
+    for keyword in ("Rows", "Columns", "BitsAllocated", "PixelRepresentation"):
+        raw = _get(ds, keyword)
+        try:
+            values[keyword] = int(raw)
+        except (TypeError, ValueError):
+            raise DicomError(f"{path}: missing or invalid {keyword} ({raw!r})") from None
+    raw_frames = _get(ds, "NumberOfFrames")
+    try:
+        n_frames = int(raw_frames) if raw_frames not in (None, "") else 1
+    except (TypeError, ValueError):
+        raise DicomError(f"{path}: invalid NumberOfFrames {str(raw_frames)!r}") from None
+    spp = _int(ds, "SamplesPerPixel") or 1
+    photometric = _text(ds, "PhotometricInterpretation").upper()
+    if values["Rows"] < 1 or values["Columns"] < 1 or n_frames < 1:
+        raise DicomError(
+            f"{path}: empty image ({values['Rows']} x {values['Columns']}, {n_frames} frame(s))"
+        )
+    if values["BitsAllocated"] not in (1, 8, 16, 32):
+        raise DicomError(
+            f"{path}: BitsAllocated {values['BitsAllocated']} is not 1, 8, 16 or 32; refused"
+        )
+    if spp not in (1, 3):
+        raise DicomError(f"{path}: SamplesPerPixel {spp} ({photometric}) is not supported; refused")
+    return _FileInfo(
+        path=path,
+        ds=ds,
+        ts=ds.file_meta.TransferSyntaxUID,
+        rows=values["Rows"],
+        cols=values["Columns"],
+        spp=spp,
+        bits_allocated=values["BitsAllocated"],
+        pixel_representation=values["PixelRepresentation"],
+        photometric=photometric,
+        n_frames=n_frames,
+        enhanced="PerFrameFunctionalGroupsSequence" in ds,
+        signature=signature,
+        pixel_loc=loc,
+        builder=builder,
+    )

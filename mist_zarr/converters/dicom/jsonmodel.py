@@ -1,0 +1,135 @@
+"""The DICOM JSON model (PS3.18 F.2) of headers, with bulk data summarised by a URI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from typing import Any
+
+#: Binary values longer than this are summarised in the JSON metadata (bytes).
+BULK_DATA_THRESHOLD = 1024
+
+_NON_METADATA_TAGS = {"7FE00010", "7FE00008", "7FE00009", "7FE00001", "7FE00002", "FFFCFFFC"}
+
+_PER_FRAME_TAG = "52009230"
+
+
+def _bulk_uri(elem: Any) -> str:
+    value = elem.value
+    data = (
+        bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else str(value).encode()
+    )
+    return f"urn:x-mist-zarr:omitted:{len(data)}:sha1-{hashlib.sha1(data).hexdigest()[:16]}"
+
+
+def _is_metadata_tag(tag: str) -> bool:
+    """False for pixel data, trailing padding, per-frame groups and (retired) group lengths."""
+    return tag not in _NON_METADATA_TAGS and tag != _PER_FRAME_TAG and not tag.endswith("0000")
+
+
+def _element_signature(elem: Any) -> Any:
+    """Return a hashable fingerprint of a (raw or parsed) element, cheap for unparsed values."""
+    from pydicom.dataelem import RawDataElement
+
+    if elem is None:
+        return None
+    if isinstance(elem, RawDataElement):
+        return (int(elem.tag), elem.VR, elem.value)
+    if elem.VR == "SQ":
+        return (
+            int(elem.tag),
+            "SQ",
+            tuple(
+                tuple(_element_signature(item.get_item(t)) for t in item.keys())  # noqa: SIM118 (a Dataset iterates elements)
+                for item in elem.value
+            ),
+        )
+    return (int(elem.tag), elem.VR, repr(elem.value))
+
+
+class _JsonBuilder:
+    """DICOM JSON model conversion that converts each distinct element value only once.
+
+    Enhanced multi-frame headers repeat the same functional-group items for
+    hundreds of frames; memoising on (character set, tag, VR, raw bytes)
+    makes their per-frame JSON cheap. Elements that cannot be converted are
+    left out and their tags collected in ``dropped``.
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[Any, dict[str, Any]] = {}
+        self.dropped: set[str] = set()
+
+    def dataset(self, ds: Any, charset: str) -> dict[str, Any]:
+        """Return the JSON model of ``ds`` (all elements but pixel data and trailing padding)."""
+        out: dict[str, Any] = {}
+        for tag in ds.keys():  # noqa: SIM118 (a Dataset iterates elements)
+            key = f"{int(tag):08X}"
+            if key in _NON_METADATA_TAGS:
+                continue
+            value = self.element(ds, key, charset)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def element(self, ds: Any, key: str, charset: str) -> dict[str, Any] | None:
+        """Return the JSON model of element ``key`` of ``ds``, or None when absent or invalid."""
+        tag = int(key, 16)
+        raw = ds.get_item(tag)
+        if raw is None:
+            return None
+        sig = _memo_key(charset, raw)
+        hit = self._memo.get(sig) if sig is not None else None
+        if hit is not None:
+            return hit
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                elem = ds[tag]
+                if elem.VR == "SQ":
+                    out = {
+                        "vr": "SQ",
+                        "Value": [self.dataset(item, charset) for item in elem.value],
+                    }
+                else:
+                    out = elem.to_json_dict(
+                        bulk_data_element_handler=_bulk_uri, bulk_data_threshold=BULK_DATA_THRESHOLD
+                    )
+                json.dumps(out)
+        except Exception:
+            self.dropped.add(key)
+            return None
+        if sig is not None:
+            self._memo[sig] = out
+        return out
+
+
+def _memo_key(charset: str, raw: Any) -> Any:
+    """Key under which an element's JSON can be shared, or None when it depends on its dataset.
+
+    Implicit-VR private elements take their VR from the private creator, and
+    ambiguous VRs ('US or SS', 'OB or OW') from other attributes: not shared.
+    """
+    from pydicom.datadict import dictionary_VR
+
+    vr = getattr(raw, "VR", None)
+    tag = int(raw.tag)
+    if vr is None or " or " in str(vr):
+        if (tag >> 16) % 2 == 1:
+            return None
+        try:
+            if " or " in dictionary_VR(tag):
+                return None
+        except KeyError:
+            return None
+    return (charset, _element_signature(raw))
+
+
+def _json_value(element: dict[str, Any] | None) -> Any:
+    if not element:
+        return None
+    for key in ("Value", "InlineBinary", "BulkDataURI"):
+        if key in element:
+            return element[key]
+    return None

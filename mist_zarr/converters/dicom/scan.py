@@ -1,0 +1,160 @@
+"""Walk files and folders, read headers only and group image objects into series."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from ...errors import SourceIssue
+from .header import _non_image_reason, _read_header, _Refused
+from .tags import _int, _text
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass
+class SeriesRef:
+    """One DICOM series found by :func:`scan_dicom`: its files and a summary.
+
+    ``key`` is the grouping identity: the SeriesInstanceUID, or for files
+    without one a ``no-series-uid:<hash>`` of their folder and series
+    attributes (``warnings`` then says so).
+    """
+
+    uid: str
+    files: list[str]
+    modality: str = ""
+    description: str = ""
+    series_number: int | None = None
+    patient_id: str = ""
+    study_uid: str = ""
+    study_date: str = ""
+    study_description: str = ""
+    sop_classes: list[str] = field(default_factory=list)
+    n_frames: int = 0
+    key: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScanResult:
+    """Series found by :func:`scan_dicom`, plus rejected and skipped files."""
+
+    series: list[SeriesRef]
+    rejected: list[SourceIssue]  # kind "rejected": not DICOM, unreadable or truncated
+    skipped: list[SourceIssue]  # kind "skipped": no image, or a duplicate instance
+
+
+def _iter_files(paths: Iterable[PathLike] | PathLike) -> Iterator[tuple[str, bool]]:
+    """Yield (file path, named explicitly) for files and the files under folders (sorted)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    for item in paths:
+        p = Path(item)
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for name in sorted(files):
+                    yield str(Path(root) / name), False
+        else:
+            yield str(p), True
+
+
+def _scan(paths: Iterable[PathLike] | PathLike) -> tuple[ScanResult, set[str]]:
+    groups: dict[tuple[str, str], SeriesRef] = {}
+    seen: dict[str, str] = {}
+    rejected: list[SourceIssue] = []
+    skipped: list[SourceIssue] = []
+    explicit: set[str] = set()
+    numbers: dict[str, set[str]] = {}
+    for path, named in _iter_files(paths):
+        if named:
+            explicit.add(path)
+        try:
+            ds, pixel_tag, _ = _read_header(path)
+            refusal = _non_image_reason(ds, pixel_tag)
+            if refusal:
+                kind, reason = refusal
+                raise _Refused(path, reason, kind)
+        except _Refused as r:
+            (rejected if r.issue.kind == "rejected" else skipped).append(r.issue)
+            continue
+        sop_uid = _text(ds, "SOPInstanceUID")
+        if sop_uid and sop_uid in seen:
+            skipped.append(
+                SourceIssue(
+                    path,
+                    f"duplicate SOPInstanceUID {sop_uid} (same instance as {seen[sop_uid]})",
+                    kind="skipped",
+                )
+            )
+            continue
+        if sop_uid:
+            seen[sop_uid] = path
+        uid = _text(ds, "SeriesInstanceUID")
+        base = uid or _fallback_series_key(path, ds)
+        number = _text(ds, "SeriesNumber")
+        numbers.setdefault(base, set()).add(number)
+        ref = groups.get((base, number))
+        if ref is None:
+            ref = groups[(base, number)] = SeriesRef(
+                uid=uid,
+                files=[],
+                key=base,
+                warnings=[]
+                if uid
+                else [f"no SeriesInstanceUID: files grouped by {_FALLBACK_DESC}"],
+                modality=_text(ds, "Modality"),
+                description=_text(ds, "SeriesDescription"),
+                series_number=_int(ds, "SeriesNumber"),
+                patient_id=_text(ds, "PatientID"),
+                study_uid=_text(ds, "StudyInstanceUID"),
+                study_date=_text(ds, "StudyDate"),
+                study_description=_text(ds, "StudyDescription"),
+            )
+        ref.files.append(path)
+        sop_class = _text(ds, "SOPClassUID")
+        if sop_class and sop_class not in ref.sop_classes:
+            ref.sop_classes.append(sop_class)
+        ref.n_frames += _int(ds, "NumberOfFrames") or 1
+    for (base, number), ref in groups.items():
+        if len(numbers[base]) > 1:  # one UID, several SeriesNumbers: edited copies, keep them apart
+            ref.warnings.append(
+                f"{base} is shared by files with SeriesNumbers {', '.join(sorted(numbers[base]))}; split by SeriesNumber"
+            )
+            ref.key = f"{base}#{number}"
+    return ScanResult(series=list(groups.values()), rejected=rejected, skipped=skipped), explicit
+
+
+_FALLBACK_DESC = "folder, FrameOfReferenceUID, StudyDate, SeriesDate/Time, SeriesNumber, SeriesDescription and Modality"
+
+
+def _fallback_series_key(path: str, ds: Any) -> str:
+    """Return a grouping key for files whose SeriesInstanceUID is empty (e.g. over-anonymised)."""
+    parts = [str(Path(path).parent)] + [
+        _text(ds, k)
+        for k in (
+            "FrameOfReferenceUID",
+            "StudyDate",
+            "SeriesDate",
+            "SeriesTime",
+            "SeriesNumber",
+            "SeriesDescription",
+            "Modality",
+        )
+    ]
+    return "no-series-uid:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def scan_dicom(paths: Iterable[PathLike] | PathLike) -> ScanResult:
+    """Scan files and folders (recursively), reading headers only, and group images by series.
+
+    Non-DICOM, unreadable and truncated files go to ``rejected``; DICOM
+    objects without an image and duplicate SOPInstanceUIDs to ``skipped``;
+    each with a reason. Nothing is raised for a bad file.
+    """
+    return _scan(paths)[0]
