@@ -10,7 +10,11 @@ from typing import Any
 import numpy as np
 from ..errors import ConversionError
 
-__all__ = ["ConversionError", "LazyPlanes", "SourceImage", "missing_dependency", "safe_name"]
+__all__ = ["DEFAULT_MAX_BYTES", "ConversionError", "LazyPlanes", "SourceImage", "missing_dependency",
+           "safe_name"]
+
+# Refuse images whose header declares more pixel memory than this (8 GiB).
+DEFAULT_MAX_BYTES = 8 << 30
 
 
 @dataclass

@@ -107,6 +107,19 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+# The converter registry's entries (mist_zarr.converters.detect).
+FORMAT = "dicom"
+SUFFIXES = (".dcm", ".dicom")
+
+
+def sniff(head: bytes) -> str | None:
+    """``"dicom"`` for a Part 10 preamble; ``"dicom?"`` (tentative: pydicom decides) for
+    what may be an old ACR-NEMA file without one; else None."""
+    if head[128:132] == b"DICM":  # checked before TIFF: a preamble may be a TIFF header
+        return FORMAT
+    return "dicom?" if len(head) >= 8 and head[0] in (0x02, 0x08) and head[1] == 0x00 else None
+
+
 #: Default ceiling on the decoded size of one series (bytes).
 DEFAULT_MAX_BYTES = 4 * 1024**3
 
