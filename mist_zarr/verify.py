@@ -247,7 +247,7 @@ def _isolated(name: str, levels: bool) -> VerifyReport:
 
 def _compare_sources(root: Path, images: list[Path], source: Any) -> VerifyReport:
     """Read the sources again as `convert` does and compare samples image by image."""
-    from .convert import iter_sources
+    from .converters.sources import iter_sources
 
     report = VerifyReport()
     stored = {str(p.relative_to(root)) if p != root else p.name: p for p in images}

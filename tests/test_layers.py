@@ -16,12 +16,6 @@ grimp = pytest.importorskip("grimp")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Cycles that the rest of issue 12 removes: (importer, imported) of the import that
-# closes each one. An entry that is no longer a cycle fails the test: delete it then.
-PENDING_CYCLES = {
-}
-
-
 def _env() -> dict[str, str]:
     # the checked-out package, not an installed copy elsewhere
     return {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -61,18 +55,4 @@ def test_no_import_cycle():
     # export imports access only inside export() (xarray is slow to import)
     assert "mist_zarr.access" in graph.find_modules_directly_imported_by("mist_zarr.export")
     closing = _closing_imports(graph)
-    # a cycle shows as several closing imports, one per edge on it
-    unexpected = {edge for edge in closing
-                  if not any(set(edge) <= _cycle_members(graph, p) for p in PENDING_CYCLES)}
-    assert not unexpected, f"import cycles between mist_zarr modules: {sorted(unexpected)}"
-    for edge in PENDING_CYCLES:
-        assert edge in closing, f"{edge} no longer closes a cycle: remove it from PENDING_CYCLES"
-
-
-def _cycle_members(graph, edge: tuple[str, str]) -> set[str]:
-    """Modules on some chain from ``edge``'s imported module back to its importer."""
-    importer, imported = edge
-    members = {importer, imported}
-    for chain in graph.find_shortest_chains(importer=imported, imported=importer):
-        members.update(chain)
-    return members
+    assert not closing, f"import cycles between mist_zarr modules: {sorted(closing)}"

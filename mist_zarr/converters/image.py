@@ -22,7 +22,11 @@ from .base import (
     safe_name,
 )
 
-__all__ = ["export", "image_format", "read_image_file", "signature_format"]
+__all__ = ["FORMATS", "SUFFIXES", "export", "image_format", "read", "read_image_file", "signature_format",
+           "sniff"]
+
+FORMATS = ("png", "jpeg", "tiff")
+SUFFIXES = (".png", ".jpeg", ".jpg", ".tiff", ".tif")
 
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -49,6 +53,11 @@ def signature_format(head: bytes) -> str | None:
         if head.startswith(magic):
             return fmt
     return None
+
+
+def sniff(head: bytes) -> str | None:
+    """The registry's detector: :func:`signature_format` of the file's first bytes."""
+    return signature_format(head[:8])
 
 
 def _jsonable(value: Any) -> Any:
@@ -147,6 +156,9 @@ def read_image_file(path: str | Path, *, max_bytes: int | None = None) -> Source
         metadata={fmt: meta}, warnings=notes, source_files=[str(path)],
         lossy_source=fmt == "jpeg" or bool(meta.get("lossy")),
     )
+
+
+read = read_image_file  # the registry's name for a single-file reader
 
 
 def _check_size(path, rows, cols, channels, itemsize, max_bytes, pages=1):

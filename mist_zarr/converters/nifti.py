@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,21 @@ from .base import (
     safe_name,
 )
 
-__all__ = ["export", "is_nifti", "read_nifti"]
+__all__ = ["FORMAT", "GZIP", "SUFFIXES", "export", "is_nifti", "read", "read_nifti", "sniff"]
 
+FORMAT = "nifti"
+SUFFIXES = (".nii.gz", ".nii")
+GZIP = True  # .nii.gz: the registry offers sniff() the decompressed head too
 _MAGICS = {b"n+1\x00", b"ni1\x00", b"n+2\x00", b"ni2\x00"}
+
+
+def sniff(head: bytes) -> str | None:
+    """``"nifti"`` if ``head`` (the first 544 bytes of content) carries a NIfTI-1/2 magic."""
+    return FORMAT if head[344:348] in _MAGICS or head[4:8] in _MAGICS else None
 
 
 def is_nifti(path: str | Path) -> bool:
     """True if the file's content (gzip or not) carries a NIfTI-1/2 magic."""
-    import gzip
-
     try:
         with open(path, "rb") as f:
             head = f.read(2)
@@ -37,13 +44,11 @@ def is_nifti(path: str | Path) -> bool:
             block = f.read(544)
     except (OSError, EOFError):
         return False
-    return block[344:348] in _MAGICS or block[4:8] in _MAGICS
+    return sniff(block) is not None
 
 
 def _load(nib: Any, path: Path) -> Any:
     """Load by content: nibabel picks formats by extension, sniffing does not."""
-    import gzip
-
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
     fileobj = gzip.open(path, "rb") if gz else open(path, "rb")  # noqa: SIM115 - held by proxy
@@ -65,7 +70,6 @@ def _load(nib: Any, path: Path) -> Any:
 
 def _file_header(nib: Any, img: Any, path: Path) -> Any:
     """The header exactly as in the file (nibabel moves scl_* into the data proxy on load)."""
-    import gzip
     import io
 
     with open(path, "rb") as f:
@@ -103,6 +107,9 @@ def read_nifti(path: str | Path, *, max_bytes: int | None = None) -> SourceImage
     except Exception as exc:  # nibabel raises many types for invalid header fields
         raise ConversionError(f"{path}: invalid NIfTI header or data: "
                               f"{type(exc).__name__}: {exc}") from exc
+
+
+read = read_nifti  # the registry's name for a single-file reader
 
 
 def _read_nifti(path: str | Path, max_bytes: int | None) -> SourceImage:

@@ -1,0 +1,40 @@
+"""``mist-zarr convert``: a file or tree of DICOM / NIfTI / PNG / JPEG / TIFF into a dataset root.
+
+A dataset root is a Zarr v3 group holding one mist-zarr image group per
+series (DICOM) or file (NIfTI, 2-D images), under readable, stable paths.
+A source that fails is reported with its reason and the others go on; an
+image is complete only once its ``complete`` flag is written, so a rerun
+with ``skip_existing`` redoes exactly the unfinished ones.
+
+Modules: planning is :mod:`mist_zarr.converters.sources` (walk, detect,
+units, names; ``verify`` reads sources through it too); :mod:`.unit` reads
+and writes one unit and its completion marker; :mod:`.local` (read-ahead
+thread) and :mod:`.distributed` (windowed dask submission) run the units;
+:mod:`.scratch` makes local writes atomic; :mod:`.root` opens the
+root and its JSON documents; :mod:`.report` is what a run returns;
+:mod:`.run` holds :func:`convert`; :mod:`.listing` holds :func:`list_images`.
+
+Imports kept lazy on purpose, for the start-up time of ``import mist_zarr``
+and of the CLI: dask/distributed (only with ``workers``/``scheduler``),
+tqdm (when a run starts) and pandas/pyarrow (inside the catalog).
+"""
+
+from __future__ import annotations
+
+from ..converters.base import DEFAULT_MAX_BYTES
+from ..converters.sources import Unit, iter_sources, plan
+from ..format import DONE_DIR, TMP_DIR
+from .distributed import CLUSTER_CONFIG
+from .listing import list_images
+from .report import ConvertReport, Problem, SeriesResult, dumps
+from .run import DATASET_ATTR, DEFAULT_BATCH_BYTES, convert
+
+from .scratch import clean_scratch as _clean_scratch  # noqa: F401 - tests use it
+from .scratch import make_scratch as _make_scratch  # noqa: F401 - tests use it
+from .root import open_root as _open_root  # noqa: F401 - tests use it
+from .unit import Options, UnitRead, read_unit, run_unit, write_unit
+
+__all__ = ["CLUSTER_CONFIG", "DATASET_ATTR", "DEFAULT_BATCH_BYTES", "DEFAULT_MAX_BYTES", "DONE_DIR",
+           "TMP_DIR", "ConvertReport", "Options", "Problem", "SeriesResult", "Unit", "UnitRead",
+           "convert", "dumps", "iter_sources", "list_images", "plan", "read_unit", "run_unit",
+           "write_unit"]

@@ -1,0 +1,133 @@
+""":func:`convert`: plan the units, run them locally or on dask, keep the catalog in step."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from ..catalog import CATALOG, FAILURES, update_catalog, update_failures
+from ..converters.base import DEFAULT_MAX_BYTES
+from ..converters.sources import Unit, plan
+from ..errors import SourceIssue
+from ..format import FORMAT_VERSION
+from ..layout import DEFAULT_ALPHA
+from .distributed import run_distributed
+from .local import run_local
+from .report import ConvertReport, SeriesResult, issue_json
+from .scratch import clean_scratch, local_root
+from .root import open_root
+from .unit import Options
+
+__all__ = ["DATASET_ATTR", "DEFAULT_BATCH_BYTES", "convert"]
+
+DEFAULT_BATCH_BYTES = 256 << 20  # larger DICOM stacks are read and written in slice batches
+DATASET_ATTR = "mist_dataset"
+
+
+def convert(
+    src: str | os.PathLike | Iterable[str | os.PathLike],
+    dest: Any,
+    *,
+    overwrite: bool = False,
+    skip_existing: bool = False,
+    alpha: int = DEFAULT_ALPHA,
+    quantize: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    batch_bytes: int | None = DEFAULT_BATCH_BYTES,
+    threads: int | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    progress: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> ConvertReport:
+    """Convert a file, folder or tree (or a list of them) into the dataset root ``dest``.
+
+    ``dest`` is a path or URL (``file://``, ``s3://``, ``memory://`` ... via
+    fsspec). With ``workers`` the series are converted in parallel on a
+    dask.distributed ``LocalCluster`` of that many single-threaded worker
+    processes; ``scheduler`` uses an existing cluster instead. Returns a
+    :class:`ConvertReport`; never raises for a bad source file or series (it
+    is reported), only for unusable arguments or an unwritable ``dest``.
+
+    Memory per image is bounded by ``batch_bytes``: a DICOM stack of
+    single-frame files that decodes to more is read and written in batches
+    of slices of at most that size (decoding each file twice); ``None``
+    reads every image whole. Files holding many frames are read whole.
+    """
+    if overwrite and skip_existing:
+        raise ValueError("choose overwrite or skip_existing, not both")
+    t0 = time.perf_counter()
+    exclude = Path(dest).resolve() if isinstance(dest, (str, os.PathLike)) and \
+        "://" not in str(dest) else None
+    dest = str(dest) if isinstance(dest, os.PathLike) else dest
+    report = ConvertReport(dest=str(dest))
+    root = open_root(dest, storage_options)
+    if DATASET_ATTR not in root.attrs:
+        root.attrs[DATASET_ATTR] = {"format": "mist-zarr-dataset", "format_version": FORMAT_VERSION}
+    local = local_root(root)
+    if local is not None:
+        clean_scratch(local)
+    units, problems = plan(src, exclude=exclude)
+    report.problems += problems
+    options = Options(overwrite, skip_existing, alpha, quantize, max_bytes, batch_bytes,
+                      threads if not (workers or scheduler) else (threads or 1),
+                      uuid.uuid4().hex, storage_options)
+    _run(units, dest, options, workers, scheduler, report, progress)
+    if local is not None:  # scratch left by workers killed during this run
+        clean_scratch(local)
+    _update_catalog(root, report)
+    _update_failures(root, report, units, options.run)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _run(units: list[Unit], dest: Any, options: Options, workers: int | None,
+         scheduler: str | None, report: ConvertReport, progress: bool) -> None:
+    """Run the units on the chosen runner, adding their outcomes to ``report``."""
+    from tqdm.auto import tqdm  # lazy: see the package docstring
+
+    # one step per series (or non-DICOM file), whichever worker finished it
+    bar = tqdm(total=len(units), unit="series", desc="convert", disable=not progress,
+               leave=False)
+
+    def collect(unit: Unit, outcome: tuple[list[SeriesResult], list[SourceIssue]]) -> None:
+        results, unit_problems = outcome
+        report.converted += results
+        report.problems += unit_problems
+        bar.update(1)
+        bar.set_postfix_str(f"{len(report.converted)} images, {len(report.failed)} failed, "
+                            f"{report.bytes_in / 1e6:.0f} MB in -> {report.bytes_out / 1e6:.0f} MB out")
+
+    if workers or scheduler:
+        run_distributed(units, dest, options, workers, scheduler, collect)
+    else:
+        run_local(units, dest, options, collect)
+    bar.close()
+
+
+def _update_failures(root: zarr.Group, report: ConvertReport, units: list[Unit], run: str) -> None:
+    """Record this run's refused/failed sources in failures.csv next to the catalog."""
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    seen = {u.key for u in units} | {str(Path(f).resolve()) for u in units for f in u.files}
+    rows = [{**issue_json(p), "run": run, "time": now} for p in report.problems]
+    try:
+        update_failures(root, rows, seen)
+    except (OSError, ValueError, ImportError) as exc:
+        report.problems.append(SourceIssue(f"{report.dest}/{FAILURES}",
+                                           f"failure report not written: {exc}"))
+
+
+def _update_catalog(root: zarr.Group, report: ConvertReport) -> None:
+    """Keep the dataset's catalog.parquet in step with the images just written."""
+    try:
+        update_catalog(root, [r.path for r in report.converted if r.status == "converted"])
+    except (OSError, ValueError, ImportError) as exc:
+        report.problems.append(SourceIssue(f"{report.dest}/{CATALOG}",
+                                           f"catalog not updated: {exc}"))

@@ -1,0 +1,183 @@
+"""Converting one unit (a file or a DICOM series): read it, write its images, mark it done.
+
+:func:`read_unit` and :func:`write_unit` are the two halves of
+:func:`run_unit`, so that the local runner can read the next unit while
+this one is written. The completion marker, written last, lets a rerun with
+``skip_existing`` skip a finished unit without reading its sources again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import zarr
+from zarr.storage import StorePath
+
+from ..converters.base import SourceImage
+from ..converters.sources import Unit, label, read_unit_images
+from ..errors import ConversionError, SourceIssue
+from ..format import ATTR, DONE_DIR, ImageInfo
+from ..writer import write_image
+from .report import SeriesResult
+from .scratch import local_root, write_and_rename
+from ..storage import get_json, set_json
+from .root import open_root
+
+__all__ = ["Options", "UnitRead", "read_unit", "run_unit", "write_unit"]
+
+
+@dataclass
+class Options:
+    """The settings of one conversion run, as every unit (and dask worker) sees them."""
+
+    overwrite: bool
+    skip_existing: bool
+    alpha: int
+    quantize: str | None
+    max_bytes: int
+    batch_bytes: int | None
+    threads: int | None
+    run: str
+    storage_options: dict[str, Any] | None
+
+
+@dataclass
+class UnitRead:
+    """What :func:`read_unit` found: images to write, or the unit's results from an earlier
+    run (its completion marker, with ``skip_existing``), or the issue that refused it."""
+
+    images: list[SourceImage] = field(default_factory=list)
+    finished: list[SeriesResult] | None = None
+    issue: SourceIssue | None = None
+
+
+def run_unit(unit: Unit, dest: Any, options: Options) -> tuple[list[SeriesResult],
+                                                                 list[SourceIssue]]:
+    """Convert one unit into the dataset ``dest`` (runs in-process or on a dask worker).
+
+    Writes the unit's completion marker last, so an interrupted unit is
+    redone by a rerun with ``skip_existing`` and a finished one is skipped
+    without reading its sources again.
+    """
+    return write_unit(unit, dest, options, read_unit(unit, dest, options))
+
+
+def _marker_key(root: zarr.Group, unit: Unit) -> str:
+    marker = f"{DONE_DIR}/{hashlib.sha1(unit.key.encode()).hexdigest()}.json"
+    return f"{root.store_path.path}/{marker}".strip("/")
+
+
+def _finished(root: zarr.Group, unit: Unit) -> list[SeriesResult] | None:
+    """The unit's images if its marker says done and every one is still complete."""
+    done = get_json(root.store_path.store, _marker_key(root, unit))
+    if done is None:
+        return None
+    results = []
+    for name in done["images"]:
+        info = _existing(root, name)
+        if info is None or not info.complete:
+            return None
+        results.append(SeriesResult(name, info.source_format, info.shape, info.dtype.name,
+                                    0, 0, len(unit.files), status="existing"))
+    return results
+
+
+def read_unit(unit: Unit, dest: Any, options: Options) -> UnitRead:
+    """The reading half of :func:`run_unit`."""
+    root = open_root(dest, options.storage_options)
+    if options.skip_existing:
+        finished = _finished(root, unit)
+        if finished is not None:
+            return UnitRead(finished=finished)
+    try:
+        return UnitRead(images=read_unit_images(unit, options.max_bytes, options.batch_bytes))
+    except (ValueError, OSError) as exc:
+        return UnitRead(issue=SourceIssue(label(unit), str(exc), key=unit.key))
+
+
+def write_unit(unit: Unit, dest: Any, options: Options,
+               read: UnitRead) -> tuple[list[SeriesResult], list[SourceIssue]]:
+    """The writing half of :func:`run_unit`, given what :func:`read_unit` returned."""
+    if read.issue is not None:
+        return [], [read.issue]
+    if read.finished is not None:
+        return read.finished, []
+    root = open_root(dest, options.storage_options)
+    results, problems = [], []
+    for image in read.images:
+        image.metadata["source_key"] = unit.key
+        try:
+            results.append(_write_one(root, image.name, image, options))
+        except (ValueError, TypeError, OSError) as exc:
+            problems.append(SourceIssue(label(unit), f"{image.name}: {exc}", key=unit.key))
+    if not problems:
+        set_json(root.store_path.store, _marker_key(root, unit),
+                   {"key": unit.key, "images": [r.path for r in results],
+                    "files": len(unit.files), "run": options.run})
+    return results, problems
+
+
+def _existing(root: zarr.Group, path: str) -> ImageInfo | None:
+    try:
+        node = root[path]
+    except KeyError:
+        return None
+    attrs = node.attrs.get(ATTR) if isinstance(node, zarr.Group) else None
+    if attrs is None:
+        raise ConversionError(f"{path}: exists in the dataset and is not a mist-zarr image")
+    return ImageInfo.from_json(attrs, where=path)
+
+
+def _write_one(root: zarr.Group, name: str, image: SourceImage, options: Options) -> SeriesResult:
+    bytes_in = sum(os.path.getsize(f) for f in image.source_files if os.path.exists(f))
+    existing = _existing(root, name)
+    if existing is not None and existing.complete:
+        same_run = existing.metadata.get("convert_run") == options.run
+        if options.skip_existing or same_run:  # same_run: a retried task after a lost worker
+            return SeriesResult(name, existing.source_format, existing.shape,
+                                existing.dtype.name, bytes_in, 0, len(image.source_files),
+                                status="existing")
+        if not options.overwrite:
+            raise ConversionError("already converted; pass overwrite (--overwrite) to replace "
+                                  "it or skip_existing (--skip-existing) to keep it")
+    parent = name.rsplit("/", 1)[0] if "/" in name else ""
+    if parent:
+        _require_group(root, parent)
+    metadata = image.write_metadata()
+    metadata["convert_run"] = options.run
+    kwargs = dict(dims=image.dims, spacing=image.spacing, affine=image.affine,
+                  source_format=image.source_format, metadata=metadata,
+                  alpha=options.alpha, quantize=options.quantize, threads=options.threads)
+    local = local_root(root)
+    if local is not None:
+        info = write_and_rename(local, name, image.data, kwargs, replace=options.overwrite)
+    else:
+        # object stores have no rename: the image's "complete" flag, written
+        # last, is what makes it visible to readers
+        info = write_image(
+            StorePath(root.store_path.store, f"{root.store_path.path}/{name}".strip("/")),
+            image.data, overwrite=True, **kwargs)
+    out = int(zarr.open_array(root.store_path.store, path=f"{root.store_path.path}/{name}/index"
+                              .strip("/"), mode="r")[..., 0].sum())
+    return SeriesResult(name, image.source_format, info.shape, info.dtype.name, bytes_in, out,
+                        len(image.source_files), warnings=list(image.warnings))
+
+
+def _require_group(root: zarr.Group, path: str) -> None:
+    """Create the groups along ``path``; safe when other workers create them at once."""
+    for attempt in range(3):
+        try:
+            root.require_group(path)
+            return
+        except Exception:  # another process created a node on the path in between
+            try:
+                if isinstance(root[path], zarr.Group):
+                    return
+            except KeyError:
+                if attempt == 2:
+                    raise
+            else:
+                raise ConversionError(f"{path}: exists in the dataset and is not a group")

@@ -1,0 +1,147 @@
+"""Source units: walk files and folders, detect each file's format, name and read the images.
+
+A :class:`Unit` is one piece of conversion work: a single-file source
+(NIfTI, PNG, JPEG, TIFF) or one DICOM series. :func:`plan` finds the units
+under a source, :func:`read_unit_images` reads one, and :func:`iter_sources`
+reads them all, named as ``mist-zarr convert`` names them (``verify`` compares
+a dataset with its sources through it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SourceIssue
+from . import detect, read_file, suffixes
+from .base import DEFAULT_MAX_BYTES, SourceImage, safe_name
+from .dicom import SeriesRef, read_dicom_series, scan_dicom
+
+__all__ = ["Unit", "iter_sources", "label", "plan", "read_unit_images"]
+
+SourceArg = str | os.PathLike | Iterable[str | os.PathLike]
+
+
+@dataclass
+class Unit:
+    """One piece of conversion work: a non-DICOM file, or one DICOM series.
+
+    ``key`` identifies the source (stable across runs); ``name`` is the image
+    path under the dataset root for files (DICOM names come from the headers).
+    """
+
+    kind: str  # the detected format: "dicom", "nifti", "png", "jpeg" or "tiff"
+    key: str
+    files: list[str]
+    name: str = ""
+    ref: SeriesRef | None = None  # DICOM: the series found by scan_dicom
+
+
+def walk(src: Path, exclude: Path | None) -> list[Path]:
+    """The files under ``src`` (itself if a file), sorted, hidden ones and ``exclude`` left out."""
+    if src.is_file():
+        return [src]
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such file or directory")
+    files = []
+    for root, dirs, names in os.walk(src):
+        here = Path(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and (exclude is None or (here / d).resolve() != exclude))
+        files.extend(here / n for n in sorted(names) if not n.startswith("."))
+    return files
+
+
+def _unique(name: str, taken: set[str], key: str) -> str:
+    candidate = name if name not in taken else f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    taken.add(candidate)
+    return candidate
+
+
+def _file_stem(rel: Path) -> str:
+    """The image path of a single-file source: its relative path without the format suffix."""
+    name = rel.name
+    for suffix in suffixes():
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = rel.stem
+    return "/".join([safe_name(p) for p in rel.parent.parts] + [safe_name(name)])
+
+
+def plan(src: SourceArg, *, exclude: Path | None = None) -> tuple[list[Unit], list[SourceIssue]]:
+    """Find the work under ``src``: one :class:`Unit` per file or DICOM series.
+
+    Reads DICOM headers only. Files that are not images, and DICOM files that
+    cannot be read, are returned as issues.
+    """
+    sources = [Path(src)] if isinstance(src, (str, os.PathLike)) else [Path(s) for s in src]
+    units: list[Unit] = []
+    issues: list[SourceIssue] = []
+    dicom_files: list[Path] = []
+    taken: set[str] = set()
+    for base in sources:
+        for path in walk(base, exclude):
+            kind = detect(path)
+            if kind is None:
+                issues.append(SourceIssue(str(path), "not a DICOM, NIfTI, PNG, JPEG or TIFF file",
+                                          kind="skipped", key=str(path.resolve())))
+            elif kind.startswith("dicom"):
+                dicom_files.append(path)
+            else:
+                rel = path.relative_to(base) if base.is_dir() else Path(path.name)
+                name = _unique(_file_stem(rel), taken, str(path.resolve()))
+                units.append(Unit(kind, str(path.resolve()), [str(path)], name=name))
+    if dicom_files:
+        scan = scan_dicom(dicom_files)
+        issues += [SourceIssue(i.source, i.reason, kind="failed", key=str(Path(i.source).resolve()))
+                   for i in scan.rejected]
+        issues += [SourceIssue(i.source, i.reason, kind="skipped", key=str(Path(i.source).resolve()))
+                   for i in scan.skipped]
+        units += [Unit("dicom", ref.key or ref.uid, list(ref.files), ref=ref) for ref in scan.series]
+    return units, issues
+
+
+def read_unit_images(unit: Unit, max_bytes: int,
+                     batch_bytes: int | None = None) -> list[SourceImage]:
+    """Read a unit's images; raises ConversionError (or DicomError) naming it.
+
+    With ``batch_bytes``, large DICOM stacks come back as LazyPlanes (read
+    in slice batches while they are written)."""
+    if unit.kind != "dicom":
+        image = read_file(Path(unit.files[0]), unit.kind, max_bytes=max_bytes)
+        image.name = unit.name
+        return [image]
+    return [v.to_source_image()
+            for v in read_dicom_series(unit.ref, max_bytes=max_bytes, batch_bytes=batch_bytes)]
+
+
+def label(unit: Unit) -> str:
+    """How a unit is named in a report: its file, or its key and an example file."""
+    files = unit.files
+    return files[0] if len(files) == 1 else f"{unit.key} ({len(files)} files, e.g. {files[0]})"
+
+
+def iter_sources(
+    src: SourceArg,
+    *,
+    problems: list[SourceIssue],
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    exclude: Path | None = None,
+) -> Iterator[SourceImage]:
+    """Read every image under ``src`` lazily, named as ``mist-zarr convert`` names them.
+
+    Files that are not images, and sources that cannot be read, are appended
+    to ``problems`` with the reason.
+    """
+    units, found = plan(src, exclude=exclude)
+    problems += found
+    for unit in units:
+        try:
+            yield from read_unit_images(unit, max_bytes)
+        except ValueError as exc:
+            problems.append(SourceIssue(label(unit), str(exc), key=unit.key))
