@@ -284,6 +284,11 @@ class MultiscaleStore(Store):
         return self._source
 
     @property
+    def storage_options(self) -> dict[str, Any]:
+        """The fsspec options the source was opened with."""
+        return dict(self._storage_options)
+
+    @property
     def prefix_cache(self) -> PrefixCache | None:
         """The prefixes held for progressive refinement (None unless ``cache_bytes``)."""
         return self._prefixes
