@@ -78,3 +78,13 @@ def test_the_delay_is_per_request(volume_dir):
             urllib.request.urlopen(f"{server.url}/v.zarr/zarr.json").read()
         elapsed = time.perf_counter() - start
     assert 3 * DELAY <= elapsed < 3 * DELAY + 2
+
+
+def test_serve_has_a_hidden_delay_flag():
+    from mist_zarr.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", ".", "--delay-ms", "20"]).delay_ms == 20
+    assert parser.parse_args(["serve", "."]).delay_ms == 0
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    assert "--delay-ms" not in serve.format_help()
