@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 # xarray (and pandas behind it) cost half a second to import; the reading
 # API loads them on first use so that convert / verify / serve start fast.
 _LAZY = {"open": "access", "open_dataset": "access", "choose_level": "access",
-         "MistDataset": "dataset"}
+         "MistDataset": "dataset", "refine": "progressive"}
 
 
 def __getattr__(name: str):
@@ -71,6 +71,7 @@ __all__ = [
     "read_image",
     "read_index",
     "read_metadata",
+    "refine",
     "update_catalog",
     "verify",
     "write_catalog",

@@ -173,7 +173,8 @@ def _catalog_table(df, *, all_columns: bool) -> str:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from mist_zarr.serve import run
 
-    run(args.root, host=args.host, port=args.port, listing=args.listing)
+    run(args.root, host=args.host, port=args.port, listing=args.listing,
+        delay=args.delay_ms / 1000)
     return 0
 
 
@@ -261,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--listing", action="store_true", help="allow directory listings")
+    # simulated latency per request, for benchmarks: not a user feature
+    p.add_argument("--delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_serve)
     return parser
 

@@ -85,6 +85,10 @@ class ImageInfo:
     complete: bool = False
     metadata: Mapping[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # Unique per write (absent in images written before it was introduced):
+    # readers that cache an image's index key the cache on it, so an image
+    # rewritten at the same path is never read through the old index.
+    write_id: str | None = None
 
     @property
     def dtype(self) -> np.dtype:
@@ -136,7 +140,7 @@ class ImageInfo:
             "values": self.values.to_json(),
             "source_format": self.source_format,
             "metadata": dict(self.metadata),
-        }
+        } | ({"write_id": self.write_id} if self.write_id else {})
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], *, where: str = "image") -> "ImageInfo":
@@ -164,6 +168,7 @@ class ImageInfo:
             complete=bool(data.get("complete", False)),
             metadata=data.get("metadata", {}),
             format_version=version,
+            write_id=data.get("write_id"),
         )
 
     def completed(self) -> "ImageInfo":

@@ -89,6 +89,7 @@ def make_app(
     *,
     listing: bool = False,
     cors_origin: str | None = "*",
+    delay: float = 0.0,
 ) -> web.Application:
     """Return an aiohttp app serving the files under root, read-only.
 
@@ -102,6 +103,8 @@ def make_app(
     which case they are a JSON array of names (subdirectories end in "/").
     Paths with dot segments, backslashes or NUL, and symlinks resolving
     outside root, are 403. Raises ValueError if root is not a directory.
+    ``delay`` (seconds) holds every GET before it is answered: a stand-in for
+    network latency in tests and benchmarks.
     """
     base = _check_root(root)
     app = web.Application()
@@ -109,6 +112,8 @@ def make_app(
     app[REQUESTS] = deque(maxlen=_MAX_RECORDS)
 
     async def get(request: web.Request) -> web.StreamResponse:
+        if delay > 0:
+            await asyncio.sleep(delay)
         url_path = request.match_info["path"]
         target = await asyncio.to_thread(_open, base, url_path, listing)
         if isinstance(target, list):
@@ -377,8 +382,9 @@ def run(
     host: str = "127.0.0.1",
     port: int = 8000,
     listing: bool = False,
+    delay: float = 0.0,
 ) -> None:
     """Serve root on host:port until interrupted, printing the URL."""
-    app = make_app(root, listing=listing)
+    app = make_app(root, listing=listing, delay=delay)
     # Flush so the URL shows up even when stdout is a pipe.
     web.run_app(app, host=host, port=port, print=functools.partial(print, flush=True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -153,6 +154,7 @@ def write_image(
     info = ImageInfo(
         dims=dims, shape=shape, chunks=chunks, levels=n, alpha=alpha, spacing=spacing,
         affine=affine, values=mapping, source_format=source_format, metadata=metadata,
+        write_id=uuid.uuid4().hex,
     )
 
     grid = info.grid

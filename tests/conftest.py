@@ -52,3 +52,15 @@ def phantom() -> np.ndarray:
     from mist_zarr.phantom import ct_phantom
 
     return ct_phantom((6, 300, 260))
+
+
+@pytest.fixture
+def written(tmp_path, phantom):
+    """A small image written to ``tmp_path/img.zarr`` (6 x 300 x 260, 3 levels) whose
+    slice 3 is all fill value, so its chunk is absent: (path, volume, info)."""
+    import mist_zarr
+
+    vol = phantom.copy()
+    vol[3] = 0
+    info = mist_zarr.write_image(tmp_path / "img.zarr", vol, spacing=(3.0, 0.8, 0.8))
+    return tmp_path / "img.zarr", vol, info
