@@ -140,6 +140,8 @@ class LevelArray(BackendArray):
         self.dtype = rescaled_dtype(dtype) if factor is not None else dtype
 
     def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
+        if isinstance(key, indexing.BasicIndexer):  # ints and slices: read them as they are
+            return self._read(key.tuple)
         return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.BASIC,
                                                   self._read)
 

@@ -108,26 +108,46 @@ def find_rescale(metadata: Mapping[str, Any], leading_shape: Sequence[int],
     dicom = metadata.get("dicom")
     if not isinstance(dicom, Mapping):
         return Rescale(1.0, 0.0, "none")
-    common = _pair(dicom) or _pair(_item(dicom, SHARED_GROUPS, PIXEL_VALUE_TRANSFORMATION))
-    if common is not None:
-        return Rescale(*common, "dicom RescaleSlope/RescaleIntercept")
+    shared = _item(dicom, SHARED_GROUPS, PIXEL_VALUE_TRANSFORMATION)
+    common = {tag: _value(dicom, tag) if tag in dicom else _value(shared, tag)
+              for tag in (SLOPE, INTERCEPT)}
+    if all(v is not None for v in common.values()):
+        return Rescale(common[SLOPE], common[INTERCEPT], "dicom RescaleSlope/RescaleIntercept")
+    # one of them (or both) varies between slices: it is in the per-slice metadata
     bulky = per_slice() if per_slice is not None and metadata.get("slice_metadata") else {}
     table = bulky.get(PER_SLICE, {}) if isinstance(bulky, Mapping) else {}
     n = int(np.prod(leading_shape)) if leading_shape else 1
-    if "RescaleSlope" in table or "RescaleIntercept" in table:
-        pairs = [(_first(s, 1.0), _first(i, 0.0)) for s, i in zip(
-            table.get("RescaleSlope", [[1.0]] * n), table.get("RescaleIntercept", [[0.0]] * n))]
-    elif PER_FRAME in table:
-        pairs = [_pair(_item((frame or [{}])[0], PIXEL_VALUE_TRANSFORMATION)) or (1.0, 0.0)
-                 for frame in table[PER_FRAME]]
-    else:
+    frames = [_item((f or [{}])[0], PIXEL_VALUE_TRANSFORMATION) for f in table.get(PER_FRAME, [])]
+    columns = {}
+    for tag, keyword, default in ((SLOPE, "RescaleSlope", 1.0), (INTERCEPT, "RescaleIntercept", 0.0)):
+        if common[tag] is not None:
+            columns[tag] = [common[tag]] * n
+        elif keyword in table:
+            columns[tag] = [_first(v, default) for v in table[keyword]]
+        elif frames:
+            columns[tag] = [_value(f, tag, default) for f in frames]
+        else:
+            columns[tag] = [default] * n
+    if all(common[t] is None for t in columns) and not (
+            {"RescaleSlope", "RescaleIntercept"} & set(table) or frames):
         return Rescale(1.0, 0.0, "none")
-    if len(pairs) != n:
-        raise ValueError(f"per-slice rescale has {len(pairs)} entries for {n} slices "
-                         f"(shape {tuple(leading_shape)}): the metadata does not match the image")
-    slopes = np.array([p[0] for p in pairs], np.float64).reshape(tuple(leading_shape))
-    inters = np.array([p[1] for p in pairs], np.float64).reshape(tuple(leading_shape))
-    return Rescale(slopes, inters, "dicom RescaleSlope/RescaleIntercept per slice")
+    for values in columns.values():
+        if len(values) != n:
+            raise ValueError(f"per-slice rescale has {len(values)} entries for {n} slices "
+                             f"(shape {tuple(leading_shape)}): the metadata does not match the "
+                             "image")
+    shape = tuple(leading_shape)
+    return Rescale(np.array(columns[SLOPE], np.float64).reshape(shape),
+                   np.array(columns[INTERCEPT], np.float64).reshape(shape),
+                   "dicom RescaleSlope/RescaleIntercept per slice")
+
+
+def _value(ds: Mapping[str, Any], tag: str, default: float | None = None) -> float | None:
+    """First value of a numeric attribute of a DICOM JSON dataset (``default`` if absent)."""
+    if tag not in ds:
+        return default
+    fallback = default if default is not None else (1.0 if tag == SLOPE else 0.0)
+    return _first((ds.get(tag) or {}).get("Value"), fallback)
 
 
 def _first(value: Any, default: float) -> float:
@@ -142,11 +162,3 @@ def _item(ds: Mapping[str, Any], *tags: str) -> Mapping[str, Any]:
         items = (ds.get(tag) or {}).get("Value") or [{}]
         ds = items[0] if isinstance(items[0], Mapping) else {}
     return ds
-
-
-def _pair(ds: Mapping[str, Any]) -> tuple[float, float] | None:
-    if SLOPE not in ds and INTERCEPT not in ds:
-        return None
-    slope = _first((ds.get(SLOPE) or {}).get("Value"), 1.0)
-    inter = _first((ds.get(INTERCEPT) or {}).get("Value"), 0.0)
-    return slope, inter
