@@ -41,8 +41,8 @@ def read_level(
     paths = list(paths)
     if not paths:
         return []
-    options = dict(scale=scale, size=size, below=below, rescale=rescale,
-                   storage_options=storage_options)
+    options = {"scale": scale, "size": size, "below": below, "rescale": rescale,
+               "storage_options": storage_options}
     if len(paths) == 1:
         return [_read_one(paths[0], threads=threads, **options)]
     remote = any(isinstance(p, str) and "://" in p and not p.startswith("file://")
@@ -88,8 +88,8 @@ def to_dask(
     k = choose_level(first.info, scale=scale, size=size, below=below)
     shape = first.info.level_shape(k)
     dtype = rescaled_dtype(first.info.dtype) if rescale else first.info.dtype
-    options = dict(scale=scale, size=size, below=below, rescale=rescale,
-                   storage_options=storage_options)
+    options = {"scale": scale, "size": size, "below": below, "rescale": rescale,
+               "storage_options": storage_options}
     blocks = []
     for start in range(0, len(paths), per_block):
         group = paths[start:start + per_block]

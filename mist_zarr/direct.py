@@ -246,13 +246,7 @@ def open_direct(source: Any, *, storage_options: Mapping[str, Any] | None = None
         attrs = json.loads(docs[0]).get("attributes", {}).get(ATTR)
     except ValueError as exc:
         raise ValueError(f"{where}: zarr.json is not valid JSON: {exc}") from None
-    if attrs is None:
-        raise ValueError(f"{where}: not a mist-zarr image: the group has no {ATTR!r} attribute")
-    info = ImageInfo.from_json(attrs, where=where)
-    if not info.complete and not allow_incomplete:
-        raise IncompleteImageError(
-            f"{where}: the image was not completely written (interrupted or failed write); "
-            "convert it again")
+    info = image_info(attrs, where, allow_incomplete)
     if info.complete or docs[1] is not None:
         index = _small_array(reader, INDEX, docs[1])
     else:  # an incomplete image may not have its index yet: level 0 only
@@ -261,6 +255,19 @@ def open_direct(source: Any, *, storage_options: Mapping[str, Any] | None = None
     if index.shape != expected:
         raise ValueError(f"{where}: prefix index has shape {index.shape}, expected {expected}")
     return OpenedImage(where, info, index, reader)
+
+
+def image_info(attrs: Mapping[str, Any] | None, where: str, allow_incomplete: bool) -> ImageInfo:
+    """The :class:`ImageInfo` of a group's ``mist`` attribute; errors for a group that is
+    not a mist-zarr image, or (unless ``allow_incomplete``) not completely written."""
+    if attrs is None:
+        raise ValueError(f"{where}: not a mist-zarr image: the group has no {ATTR!r} attribute")
+    info = ImageInfo.from_json(attrs, where=where)
+    if not info.complete and not allow_incomplete:
+        raise IncompleteImageError(
+            f"{where}: the image was not completely written (interrupted or failed write); "
+            "convert it again")
+    return info
 
 
 def _locate(source: Any, storage_options: Mapping[str, Any] | None) -> tuple[_Reader, str]:

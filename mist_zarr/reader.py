@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .direct import ChecksumError, open_direct
-from .format import ATTR, CHECKSUM, INDEX, SLICE_METADATA, ImageInfo, IncompleteImageError
+from .direct import ChecksumError, image_info, open_direct
+from .format import ATTR, CHECKSUM, INDEX, SLICE_METADATA, ImageInfo
 
 __all__ = ["ChecksumError", "open_image", "read_checksums", "read_image", "read_index",
            "read_metadata"]
@@ -27,17 +27,7 @@ def open_image(
         source, mode="r", zarr_format=3,
         storage_options=dict(storage_options) if storage_options else None,
     )
-    where = str(source)
-    attrs = group.attrs.get(ATTR)
-    if attrs is None:
-        raise ValueError(f"{where}: not a mist-zarr image: the group has no {ATTR!r} attribute")
-    info = ImageInfo.from_json(attrs, where=where)
-    if not info.complete and not allow_incomplete:
-        raise IncompleteImageError(
-            f"{where}: the image was not completely written (interrupted or failed write); "
-            "convert it again"
-        )
-    return group, info
+    return group, image_info(group.attrs.get(ATTR), str(source), allow_incomplete)
 
 
 def member(group: zarr.Group, name: str) -> zarr.Array:
