@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 # xarray (and pandas behind it) cost half a second to import; the reading
 # API loads them on first use so that convert / verify / serve start fast.
 _LAZY = {"open": "access", "open_dataset": "access", "choose_level": "access",
-         "MistDataset": "dataset", "refine": "progressive"}
+         "MistDataset": "dataset", "read_level": "batch", "refine": "progressive"}
 
 
 def __getattr__(name: str):
@@ -70,6 +70,7 @@ __all__ = [
     "read_checksums",
     "read_image",
     "read_index",
+    "read_level",
     "read_metadata",
     "refine",
     "update_catalog",

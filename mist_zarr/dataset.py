@@ -22,20 +22,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .access import choose_level
-from .format import IMAGE
 from .layout import level_shape
 from .storage import join_location, location
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .store import MultiscaleStore
+    from .direct import OpenedImage
+    from .modality import Rescale
 
 __all__ = ["MistDataset"]
 
 _META = ("modality", "series_uid", "study_uid", "patient_id", "body_part", "series_description",
          "source_format", "lossy_source")
-_OPEN_STORES = 64  # per process; each holds one image's prefix index
+_OPEN_IMAGES = 64  # per process; each holds one image's metadata and prefix index
 
 
 class MistDataset:
@@ -63,6 +63,14 @@ class MistDataset:
     study_uid, patient_id, body_part, series_description, source_format,
     lossy_source, dims). ``transform`` is applied to that dict and its result
     returned.
+
+    ``rescale=True`` returns modality values (Hounsfield units for CT:
+    ``stored * slope + intercept``, dtype rules in :mod:`mist_zarr.modality`)
+    and adds ``rescale`` (slope, intercept, source) to the item. Each item is
+    read directly (:mod:`mist_zarr.direct`: one verified prefix read and one
+    decode per chunk; level-0 chunks checked against their checksums) on
+    ``threads`` decode threads: by default one per core in the process that
+    made the dataset, one in loader workers (the workers are the parallelism).
     """
 
     def __init__(
@@ -75,6 +83,8 @@ class MistDataset:
         filter: str | Callable[[Any], bool] | None = None,
         transform: Callable[[dict[str, Any]], Any] | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        rescale: bool = False,
+        threads: int | None = None,
     ) -> None:
         from .catalog import catalog
 
@@ -89,6 +99,8 @@ class MistDataset:
         self.size = size
         self.below = below
         self.transform = transform
+        self.rescale = rescale
+        self.threads = threads
         self.storage_options = dict(storage_options or {})
         df = catalog(self.root, storage_options=self.storage_options)
         df = df[df["complete"].astype(bool)]
@@ -105,9 +117,9 @@ class MistDataset:
                     f"(e.g. {short['path'].iloc[0]!r} has {int(short['levels'].iloc[0])}); "
                     f"add the filter 'levels >= {scale}' or use size=")
         self._rows: list[dict[str, Any]] = df.reset_index(drop=True).to_dict("records")
-        self._stores: OrderedDict[str, MultiscaleStore] = OrderedDict()
+        self._images: OrderedDict[str, tuple[OpenedImage, Rescale | None]] = OrderedDict()
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        self._pid = self._maker = os.getpid()
 
     # -- what the loaders use --------------------------------------------------
     def __len__(self) -> int:
@@ -116,26 +128,27 @@ class MistDataset:
     def __getitem__(self, i: int) -> Any:
         i = self._position(i)
         row = self._rows[i]
-        store = self._store(row["path"])
-        info = store.info
+        image, factor = self._image(row["path"])
+        info = image.info
         k = choose_level(info, scale=self.scale, size=self.size, below=self.below)
-        import zarr
-
-        stored = zarr.open_array(store, path=f"s{k}/{IMAGE}", mode="r", zarr_format=3)[...]
+        threads = self.threads or (None if os.getpid() == self._maker else 1)
+        values = info.values.decode(image.read(k, threads=threads))
         item = {
-            "image": info.values.decode(np.asarray(stored)),
+            "image": values if factor is None else factor.apply(values),
             "affine": np.asarray(info.level_affine(k), dtype=np.float64),
             "spacing": np.asarray(info.level_spacing(k), dtype=np.float64),
             "path": row["path"],
             "level": k,
             "meta": {**{key: row.get(key, "") for key in _META}, "dims": "".join(info.dims)},
         }
+        if factor is not None:
+            item["rescale"] = factor.to_json()
         return self.transform(item) if self.transform is not None else item
 
     # -- pickling: the root, the options and the rows; stores are per process ----
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_stores"] = OrderedDict()
+        state["_images"] = OrderedDict()
         del state["_lock"]
         return state
 
@@ -183,21 +196,27 @@ class MistDataset:
             raise IndexError(f"index {i} out of range for {n} images")
         return i
 
-    def _store(self, path: str) -> MultiscaleStore:
-        from .store import MultiscaleStore
+    def _image(self, path: str) -> tuple[OpenedImage, Rescale | None]:
+        from .direct import open_direct
+        from .modality import find_rescale
 
-        if self._pid != os.getpid():  # forked: the parent's stores (and lock) are not ours
-            self._stores = OrderedDict()
+        if self._pid != os.getpid():  # forked: the parent's images (and lock) are not ours
+            self._images = OrderedDict()
             self._lock = threading.Lock()
             self._pid = os.getpid()
         with self._lock:
-            store = self._stores.get(path)
-            if store is None:
-                store = MultiscaleStore(join_location(self.root, path),
-                                        storage_options=self.storage_options)
-                self._stores[path] = store
-                while len(self._stores) > _OPEN_STORES:
-                    self._stores.popitem(last=False)
-            else:
-                self._stores.move_to_end(path)
-            return store
+            entry = self._images.get(path)
+            if entry is not None:
+                self._images.move_to_end(path)
+                return entry
+        image = open_direct(join_location(self.root, path), storage_options=self.storage_options)
+        factor = None
+        if self.rescale:
+            info = image.info
+            factor = find_rescale(info.metadata, info.shape[:info.dims.index("y")],
+                                  image.slice_metadata)
+        with self._lock:
+            self._images[path] = (image, factor)
+            while len(self._images) > _OPEN_IMAGES:
+                self._images.popitem(last=False)
+        return image, factor

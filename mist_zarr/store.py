@@ -288,6 +288,11 @@ class MultiscaleStore(Store):
         return sync(self.state()).info
 
     @property
+    def physical(self) -> Store:
+        """The read-only zarr store of the physical image group this store serves."""
+        return self._physical
+
+    @property
     def index(self) -> np.ndarray:
         from zarr.core.sync import sync
 

@@ -62,7 +62,8 @@ class ValueMapping:
         if self.kind == "quantized":
             return (a * self.scale + self.offset).astype(self.dtype)
         target = np.dtype(self.dtype)
-        if target.kind in "iu" and np.dtype(a.dtype).kind in "iu":
+        if target.kind in "iu" and np.dtype(a.dtype).kind in "iu" and not np.can_cast(
+                a.dtype, target, "safe"):  # (a safe cast cannot leave the range)
             info = np.iinfo(target)
             if a.size and (a.min() < info.min or a.max() > info.max):
                 a = np.clip(a, info.min, info.max)

@@ -176,16 +176,17 @@ def test_over_http_only_the_chosen_levels_travel(dataset):
             same_item(a, remote[i])
         sent = server.bytes_sent
     # exactly the chosen levels' prefixes travel (+ 2 boundary bytes per reduced chunk),
-    # plus each image's zarr.json and prefix index
+    # plus each image's zarr.json and prefix index, and the checksums of level-0 items
     full = int(local.catalog["bytes"].sum())
     wanted = 0
     for i, row in enumerate(local.catalog.to_dict("records")):
         k = local.level(i)
         image = dataset / row["path"]
         wanted += row["bytes_per_level"][k] + (2 * row["n_chunks"] if k else 0)
-        wanted += sum(f.stat().st_size for f in [image / "zarr.json", image / "index" / "zarr.json",
-                                                 *(image / "index" / "c").rglob("*")]
-                      if f.is_file())
+        arrays = ["index"] if k else ["index", "checksum"]
+        wanted += sum(f.stat().st_size for f in [image / "zarr.json"] + [
+            g for a in arrays for g in [image / a / "zarr.json", *(image / a / "c").rglob("*")]]
+            if f.is_file())
     assert sent == wanted
     if local.catalog["levels"].max() >= 2:
         assert sent < 0.5 * full

@@ -1,0 +1,164 @@
+"""Modality values (Hounsfield units for CT): the stored rescale slope and intercept, applied.
+
+Stored samples are the source's stored values, bit-exact; the rescale that
+turns them into physical values is kept as metadata: DICOM RescaleSlope
+(0028,1053) and RescaleIntercept (0028,1052), in the series' common
+attributes, per slice, or in the enhanced multi-frame functional groups
+(Pixel Value Transformation Sequence (0028,9145), shared or per frame), and
+NIfTI ``scl_slope`` / ``scl_inter`` (a slope of 0 or NaN means "unscaled", as
+the NIfTI standard says). Images without one (PNG, arrays) have slope 1 and
+intercept 0.
+
+The result dtype depends on the image's dtype only, so that every image of
+a dataset comes back in the same dtype whatever its rescale:
+
+* 8- and 16-bit integer (and bool) images -> ``float32``. Exact whenever the
+  slope and intercept are integers and the results stay within +-2**24
+  (CT: slope 1, intercept -1024); otherwise rounded once from float64.
+* 32-bit integer and ``float64`` images -> ``float64``; ``float32`` -> ``float32``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Rescale", "find_rescale", "rescaled_dtype"]
+
+SLOPE, INTERCEPT = "00281053", "00281052"
+SHARED_GROUPS, PIXEL_VALUE_TRANSFORMATION = "52009229", "00289145"
+PER_FRAME = "PerFrameFunctionalGroupsSequence"
+PER_SLICE = "dicom_per_slice"
+
+
+def rescaled_dtype(dtype: Any) -> np.dtype:
+    """The dtype :meth:`Rescale.apply` returns for an image of ``dtype`` (see the module doc)."""
+    dt = np.dtype(dtype)
+    if dt.kind == "b" or (dt.kind in "iu" and dt.itemsize <= 2) or dt == np.float32:
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+@dataclass(frozen=True)
+class Rescale:
+    """``value = stored * slope + intercept``; per slice when ``slope``/``intercept`` are
+    arrays over the image's leading (non-plane) axes."""
+
+    slope: float | np.ndarray
+    intercept: float | np.ndarray
+    source: str  # where the numbers came from, for attrs and messages
+
+    @property
+    def per_slice(self) -> bool:
+        return np.ndim(self.slope) > 0 or np.ndim(self.intercept) > 0
+
+    def apply(self, values: np.ndarray, leading: Sequence[slice | int] = ()) -> np.ndarray:
+        """Rescaled ``values``; ``leading`` selects the slices of per-slice values
+        (the region's indices along the axes before ``y``)."""
+        out = np.dtype(rescaled_dtype(values.dtype))
+        slope, intercept = (self._pick(v, leading, values.ndim)
+                            for v in (self.slope, self.intercept))
+        if np.all(slope == 1) and np.all(intercept == 0):
+            return values.astype(out)
+        work = np.float64 if out == np.float64 or not _exact32(slope, intercept) else np.float32
+        result = values.astype(work) * np.asarray(slope, work) + np.asarray(intercept, work)
+        return result.astype(out, copy=False)
+
+    @staticmethod
+    def _pick(v: float | np.ndarray, leading: Sequence[slice | int], ndim: int) -> Any:
+        if np.ndim(v) == 0:
+            return v
+        v = np.asarray(v)[tuple(leading)] if leading else np.asarray(v)
+        return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+    def to_json(self) -> dict[str, Any]:
+        as_list = (lambda v: np.asarray(v).tolist())
+        return {"slope": as_list(self.slope), "intercept": as_list(self.intercept),
+                "source": self.source}
+
+
+def _exact32(slope: Any, intercept: Any) -> bool:
+    """float32 arithmetic is exact for 16-bit samples times an integral slope <= 128
+    plus an integral intercept <= 2**15 (every result below 2**24)."""
+    s, i = np.asarray(slope, np.float64), np.asarray(intercept, np.float64)
+    return bool(np.all(s == np.round(s)) and np.all(i == np.round(i))
+                and np.all(np.abs(s) <= 128) and np.all(np.abs(i) <= 1 << 15))
+
+
+def find_rescale(metadata: Mapping[str, Any], leading_shape: Sequence[int],
+                 per_slice: Callable[[], Mapping[str, Any]] | None = None) -> Rescale:
+    """The rescale recorded in an image's metadata (identity when there is none).
+
+    ``leading_shape`` is the image's shape before ``y`` (slices); per-slice
+    values must have one entry per slice. ``per_slice`` loads the bulky
+    per-slice metadata (``dicom_per_slice``) when the common attributes have
+    no rescale; it is only called then.
+    """
+    nifti = metadata.get("nifti")
+    if isinstance(nifti, Mapping):
+        slope, inter = nifti.get("scl_slope"), nifti.get("scl_inter")
+        if slope is None or not math.isfinite(float(slope)) or float(slope) == 0:
+            return Rescale(1.0, 0.0, "none")
+        inter = 0.0 if inter is None or not math.isfinite(float(inter)) else float(inter)
+        return Rescale(float(slope), inter, "nifti scl_slope/scl_inter")
+    dicom = metadata.get("dicom")
+    if not isinstance(dicom, Mapping):
+        return Rescale(1.0, 0.0, "none")
+    shared = _item(dicom, SHARED_GROUPS, PIXEL_VALUE_TRANSFORMATION)
+    common = {tag: _value(dicom, tag) if tag in dicom else _value(shared, tag)
+              for tag in (SLOPE, INTERCEPT)}
+    if all(v is not None for v in common.values()):
+        return Rescale(common[SLOPE], common[INTERCEPT], "dicom RescaleSlope/RescaleIntercept")
+    # one of them (or both) varies between slices: it is in the per-slice metadata
+    bulky = per_slice() if per_slice is not None and metadata.get("slice_metadata") else {}
+    table = bulky.get(PER_SLICE, {}) if isinstance(bulky, Mapping) else {}
+    n = int(np.prod(leading_shape)) if leading_shape else 1
+    frames = [_item((f or [{}])[0], PIXEL_VALUE_TRANSFORMATION) for f in table.get(PER_FRAME, [])]
+    columns = {}
+    for tag, keyword, default in ((SLOPE, "RescaleSlope", 1.0), (INTERCEPT, "RescaleIntercept", 0.0)):
+        if common[tag] is not None:
+            columns[tag] = [common[tag]] * n
+        elif keyword in table:
+            columns[tag] = [_first(v, default) for v in table[keyword]]
+        elif frames:
+            columns[tag] = [_value(f, tag, default) for f in frames]
+        else:
+            columns[tag] = [default] * n
+    if all(common[t] is None for t in columns) and not (
+            {"RescaleSlope", "RescaleIntercept"} & set(table) or frames):
+        return Rescale(1.0, 0.0, "none")
+    for values in columns.values():
+        if len(values) != n:
+            raise ValueError(f"per-slice rescale has {len(values)} entries for {n} slices "
+                             f"(shape {tuple(leading_shape)}): the metadata does not match the "
+                             "image")
+    shape = tuple(leading_shape)
+    return Rescale(np.array(columns[SLOPE], np.float64).reshape(shape),
+                   np.array(columns[INTERCEPT], np.float64).reshape(shape),
+                   "dicom RescaleSlope/RescaleIntercept per slice")
+
+
+def _value(ds: Mapping[str, Any], tag: str, default: float | None = None) -> float | None:
+    """First value of a numeric attribute of a DICOM JSON dataset (``default`` if absent)."""
+    if tag not in ds:
+        return default
+    fallback = default if default is not None else (1.0 if tag == SLOPE else 0.0)
+    return _first((ds.get(tag) or {}).get("Value"), fallback)
+
+
+def _first(value: Any, default: float) -> float:
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return default if value is None or value == "" else float(value)
+
+
+def _item(ds: Mapping[str, Any], *tags: str) -> Mapping[str, Any]:
+    """The first item down a chain of sequence tags (empty when any is missing)."""
+    for tag in tags:
+        items = (ds.get(tag) or {}).get("Value") or [{}]
+        ds = items[0] if isinstance(items[0], Mapping) else {}
+    return ds
