@@ -30,7 +30,7 @@ from typing import Any
 
 import imagecodecs
 import numpy as np
-from zarr.abc.store import RangeByteRequest, Store
+from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store
 from zarr.core.buffer import default_buffer_prototype
 
 from .codestream import is_boundary
@@ -46,12 +46,20 @@ from .format import (
 )
 from .errors import ChecksumError, PrefixError
 from .storage import open_source_store, supports_sync_io
+from .prefix_cache import PrefixCache
 from .store import MultiscaleStore
 
 __all__ = ["ChecksumError", "OpenedImage", "open_direct"]
 
-# Requests in flight per level read on stores without synchronous I/O.
+# Requests in flight per level read on remote stores.
 CONCURRENCY = 16
+_WHOLE = object()  # a cache miss of a whole chunk: read it all
+_CHUNKS = f"{IMAGE}/c/"  # only chunk reads go through a prefix cache
+
+
+def _remote(store: Store) -> bool:
+    """Requests to ``store`` have latency: issue them concurrently."""
+    return type(store).__name__ not in ("LocalStore", "MemoryStore")
 
 
 # -- one thread pool per size, per process -----------------------------------------------
@@ -91,7 +99,7 @@ def _run(coro: Any) -> Any:
 class _Reader:
     """Whole objects and byte ranges of one store under a key prefix, sync or async."""
 
-    def __init__(self, store: Store, prefix: str) -> None:
+    def __init__(self, store: Store, prefix: str, cache: PrefixCache | None = None) -> None:
         self.store = store
         self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
         self.sync = supports_sync_io(store)
@@ -99,9 +107,38 @@ class _Reader:
         # LocalStore: a plain pread costs a fifth of get_sync (no Buffer, pathlib, file object)
         self.root = os.fspath(root) if type(store).__name__ == "LocalStore" and root else None
         self.proto = default_buffer_prototype()
+        # a MultiscaleStore's prefix cache: a finer level fetches only the bytes beyond
+        # the prefix already held (see mist_zarr.progressive)
+        self.cache = cache
+
+    @property
+    def local(self) -> bool:
+        """Reads are cheap synchronous calls (threads decode; no request concurrency needed)."""
+        return self.root is not None and self.cache is None
+
+    def _cached_request(self, key: str, length: int | None) -> tuple[bytes, ByteRequest | None]:
+        """What the cache holds of ``key`` and the range still to read (None: nothing)."""
+        head = self.cache.get(self.prefix + key) if self.cache is not None else b""
+        if length is not None:
+            return head, (RangeByteRequest(len(head), length) if len(head) < length else None)
+        return head, OffsetByteRequest(len(head)) if head else _WHOLE
+
+    def _keep(self, key: str, head: bytes, buf: Any) -> bytes | None:
+        if buf is None and not head:
+            return None
+        data = head + (buf.to_bytes() if buf is not None else b"")
+        self.cache.put(self.prefix + key, data)
+        return data
 
     def get(self, key: str, length: int | None = None) -> bytes | None:
         """Object ``key`` (its first ``length`` bytes when given), or None if absent."""
+        if self.cache is not None and key.startswith(_CHUNKS):
+            head, request = self._cached_request(key, length)
+            if request is None:
+                return head[:length]
+            buf = _run(self.store.get(self.prefix + key, self.proto,
+                                      None if request is _WHOLE else request))
+            return self._keep(key, head, buf)
         if self.root is not None:
             try:
                 fd = os.open(os.path.join(self.root, self.prefix + key), os.O_RDONLY)
@@ -120,12 +157,19 @@ class _Reader:
         return None if buf is None else buf.to_bytes()
 
     async def aget(self, key: str, length: int | None = None) -> bytes | None:
+        if self.cache is not None and key.startswith(_CHUNKS):
+            head, request = self._cached_request(key, length)
+            if request is None:
+                return head[:length]
+            buf = await self.store.get(self.prefix + key, self.proto,
+                                       None if request is _WHOLE else request)
+            return self._keep(key, head, buf)
         request = None if length is None else RangeByteRequest(0, length)
         buf = await self.store.get(self.prefix + key, self.proto, request)
         return None if buf is None else buf.to_bytes()
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        if self.sync or self.root is not None:
+        if self.sync or self.root is not None or not _remote(self.store):
             return [self.get(k) for k in keys]
 
         async def all_of() -> list[bytes | None]:
@@ -272,7 +316,7 @@ def _locate(source: Any, storage_options: Mapping[str, Any] | None) -> tuple[_Re
     from zarr.storage import StorePath
 
     if isinstance(source, MultiscaleStore):
-        return _Reader(source.physical, ""), repr(source)
+        return _Reader(source.physical, "", source.prefix_cache), repr(source)
     if isinstance(source, zarr.Group):
         source = source.store_path
     if isinstance(source, StorePath):
@@ -329,7 +373,7 @@ class _LevelRead:
             return self.out
         grid = [tuple(a + c for a, c in zip(self.first, rel)) for rel in self.coords]
         reader = self.image.reader
-        if reader.sync or reader.root is not None:
+        if reader.local or (reader.sync and reader.cache is None and not _remote(reader.store)):
             n = max(1, min(threads or default_threads(), len(grid)))
             if n == 1:
                 self._all(grid)
