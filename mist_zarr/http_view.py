@@ -105,6 +105,9 @@ class VirtualViews:
         store, mtime = await self._store(image)
         document = ""
         if v2:  # answered from the v3 key it is a rendering of
+            if key == ".zmetadata" or key.endswith("/.zmetadata"):
+                docs = await _documents(store)
+                return bytes_body(consolidate_v2(key, docs), mtime, "application/json")
             source = v3_source(key)
             if source is None:
                 raise web.HTTPNotFound()
@@ -124,6 +127,8 @@ class VirtualViews:
                 raise web.HTTPNotFound()
             return bytes_body(target, mtime, "application/json")
         if isinstance(target, bytes):
+            if key == "zarr.json" or key.endswith("/zarr.json"):
+                target = consolidate(key, await _documents(store))
             return bytes_body(target, mtime, _content_type(key))
         physical, level, length = target
         return await asyncio.to_thread(self._prefix_body, image, physical, level, length)
@@ -213,6 +218,45 @@ class VirtualViews:
         except (OSError, ValueError):
             return False
         return doc.get("node_type") == "group" and ATTR not in (doc.get("attributes") or {})
+
+
+async def _documents(store: Any) -> dict[str, bytes]:
+    """Every ``zarr.json`` of a view, by key."""
+    docs = {}
+    async for key in store.list():
+        if key == "zarr.json" or key.endswith("/zarr.json"):
+            docs[key] = await store.locate(key)
+    return docs
+
+
+def _json(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def consolidate(key: str, docs: dict[str, bytes]) -> bytes:
+    """The document at ``key``; a group's with zarr-python's inline consolidated metadata
+    of every node below it, so that clients can find members where HTTP cannot list."""
+    doc = json.loads(docs[key])
+    if doc["node_type"] != "group":
+        return docs[key]
+    folder = key[: -len("zarr.json")]
+    doc["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": {
+        k[len(folder): -len("/zarr.json")]: json.loads(v)
+        for k, v in sorted(docs.items()) if k.startswith(folder) and k != key}}
+    return _json(doc)
+
+
+def consolidate_v2(key: str, docs: dict[str, bytes]) -> bytes:
+    """``.zmetadata`` (Zarr v2 consolidated metadata) of the group at ``key``'s folder."""
+    folder = key[: -len(".zmetadata")]
+    found: dict[str, Any] = {}
+    for k, v in sorted(docs.items()):
+        if k.startswith(folder):
+            found.update({name[len(folder):]: json.loads(d)
+                          for name, d in v2_documents(k, v).items()})
+    if ".zgroup" not in found:
+        raise web.HTTPNotFound()  # not a group
+    return _json({"zarr_consolidated_format": 1, "metadata": found})
 
 
 def _plain(value: Any) -> Any:

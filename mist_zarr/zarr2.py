@@ -58,7 +58,9 @@ def _v2_array(doc: Mapping[str, Any]) -> dict[str, Any]:
         "chunks": doc["chunk_grid"]["configuration"]["chunk_shape"],
         "dtype": dtype.newbyteorder("<").str if dtype.itemsize > 1 else dtype.str,
         "compressor": compressor,
-        "fill_value": doc["fill_value"],
+        # null, not 0: xarray reads a v2 fill value as _FillValue and would turn every
+        # sample equal to it (0 HU is water) into NaN; absent chunks still read as 0
+        "fill_value": None,
         "filters": None,
         "order": "C",
         "dimension_separator": "/",

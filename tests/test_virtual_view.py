@@ -16,6 +16,7 @@ import zarr
 from zarr.core.sync import sync
 
 import mist_zarr
+from mist_zarr.http_view import _documents, consolidate, consolidate_v2
 from mist_zarr.serve import serve_in_thread
 from mist_zarr.zarr2 import v2_documents, v3_source
 
@@ -34,6 +35,9 @@ def expected_body(image: Path, view: str, key: str, index: np.ndarray) -> tuple[
     """What the server must have sent for key of the view, worked out without it:
     ("chunk", prefix length) or ("metadata", document length)."""
     store = mist_zarr.MultiscaleStore(image)
+    docs = sync(_documents(store))
+    if key.endswith(".zmetadata"):
+        return "metadata", len(consolidate_v2(key, docs))
     document = ""
     if view == "ome-v2":
         key, document = v3_source(key)
@@ -45,6 +49,8 @@ def expected_body(image: Path, view: str, key: str, index: np.ndarray) -> tuple[
         return "chunk", length
     if document:
         target = v2_documents(key, target)[key[: -len("zarr.json")] + document]
+    elif key.endswith("zarr.json"):
+        target = consolidate(key, docs)
     return "metadata", len(target)
 
 
@@ -78,6 +84,27 @@ def test_generic_clients_read_every_level_sending_only_prefixes(
     assert counted["chunk"] == sum(int(index[..., k].sum()) for k in range(info.levels + 1))
     assert len(chunks) == len(set(chunks)) == (info.levels + 1) * info.shape[0]
     assert sent == counted["chunk"] + counted["metadata"]
+
+
+@pytest.mark.parametrize("view", ["ome", "ome-v2"])
+def test_xarray_opens_each_level_with_coordinates_over_http(tmp_path, view):
+    """HTTP cannot list: groups carry consolidated metadata so that xarray finds the
+    arrays; and a sample equal to the fill value (0) stays a sample, not NaN."""
+    import imagecodecs.numcodecs
+    import xarray as xr
+
+    imagecodecs.numcodecs.register_codecs()
+    a = np.random.default_rng(5).integers(-3000, 3000, (2, 256, 200), dtype=np.int16)
+    a[0] = 0  # absent chunk
+    a[1, :64] = 0
+    mist_zarr.write_image(tmp_path / "img.zarr", a, spacing=(3.0, 0.5, 0.5))
+    with serve_in_thread(tmp_path) as server:
+        for k in range(3):
+            ds = xr.open_zarr(f"{server.url}/img.zarr/{view}/", group=f"s{k}")
+            expected = mist_zarr.open(tmp_path / "img.zarr", scale=k)
+            assert ds["image"].dtype == expected.dtype
+            np.testing.assert_array_equal(ds["image"].values, expected.values)
+            np.testing.assert_allclose(ds["x"].values, np.arange(ds.sizes["x"]) * 0.5 * 2**k)
 
 
 def fetch(url: str, path: str, method: str = "GET", headers: dict | None = None):
