@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Zarr v3, or v2 with the numcodecs codec (default: %(default)s)")
     p.set_defaults(func=_cmd_refs)
 
-    p = sub.add_parser("serve", help="serve a directory read-only over HTTP with Range support")
+    p = sub.add_parser("serve", help="serve a directory read-only over HTTP with Range support, "
+                                     "plus each image's levels as OME-Zarr at <image>/ome/")
     p.add_argument("root", help="directory to serve")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")

@@ -104,6 +104,11 @@ def make_app(
     which case they are a JSON array of names (subdirectories end in "/").
     Paths with dot segments, backslashes or NUL, and symlinks resolving
     outside root, are 403. Raises ValueError if root is not a directory.
+
+    Beside the files, every image's virtual multiscale view is served at
+    ``<image>/ome/`` (Zarr v3) and ``<image>/ome-v2/`` (Zarr v2), and every
+    dataset root's catalog at ``<dataset>/catalog.json``
+    (:mod:`mist_zarr.http_view`), under the same rules.
     """
     base = _check_root(root)
     views = VirtualViews(base, _resolve)

@@ -228,3 +228,56 @@ def test_dataset_roots_list_their_images_as_json(tmp_path, data_dir):
         first = expected["path"].iloc[0]
         assert requests.get(f"{server.url}/dataset/{first}/catalog.json",
                             timeout=30).status_code == 404
+
+
+def test_bounded_load_on_the_virtual_view_with_hostile_requests(tmp_path):
+    """300 requests from 16 clients on an image served as the root itself: virtual chunks
+    at every level (ranges, v2 keys), documents, absent keys and escapes, all right."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.random.default_rng(17).integers(-2000, 2000, (4, 256, 256), dtype=np.int16)
+    image = tmp_path / "img.zarr"
+    mist_zarr.write_image(image, a)
+    (tmp_path / "secret.txt").write_text("outside the root")
+    index = mist_zarr.read_index(image)
+    levels = index.shape[-1]
+    chunks = [(image / "image" / "c" / str(z) / "0" / "0").read_bytes() for z in range(4)]
+
+    def one(i):
+        rnd = random.Random(i)
+        kind = rnd.choice(["chunk", "range", "v2", "document", "absent", "escape"])
+        z, k = rnd.randrange(4), rnd.randrange(levels)
+        n = int(index[z, 0, 0, k])
+        path, headers, expected = f"/ome/s{k}/image/c/{z}/0/0", {}, (200, chunks[z][:n])
+        if kind == "range":
+            start = rnd.randrange(n)
+            end = start + rnd.randrange(3000)
+            headers["Range"] = f"bytes={start}-{end}"
+            expected = (206, chunks[z][start:min(end + 1, n)])
+        elif kind == "v2":
+            path = f"/ome-v2/s{k}/image/{z}/0/0"
+        elif kind == "document":
+            path, expected = f"/ome/s{k}/image/zarr.json", (200, None)
+        elif kind == "absent":
+            path, expected = rnd.choice([f"/ome/s{levels}/image/c/0/0/0", "/ome/s0/image/c/4/0/0",
+                                         "/ome-v2/s0/image/.zgroup", "/ome/s0/image/c"]), (404, None)
+        elif kind == "escape":
+            path = rnd.choice(["/ome/../../secret.txt", "/ome/%2e%2e/%2e%2e/secret.txt",
+                               "/ome/s0/image/c/../../../../secret.txt"])
+            expected = (403, None)
+        status, _, body = fetch(server.url, path, headers=headers)
+        return kind, path, expected, status, body
+
+    with serve_in_thread(image) as server:
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, range(300)))
+        for kind, path, (status, body), got_status, got_body in results:
+            assert b"outside the root" not in got_body
+            assert got_status == status, (kind, path, got_status)
+            if body is not None:
+                assert got_body == body, (kind, path)
+            elif kind == "document":
+                assert json.loads(got_body)["node_type"] == "array"
+        np.testing.assert_array_equal(
+            zarr.open_array(f"{server.url}/ome/s0/image", mode="r")[...], a)
