@@ -29,7 +29,7 @@ def ct_image(tmp_path_factory, ct_volume):
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mist_zarr.cli", *args],
-                          capture_output=True, text=True, timeout=300)
+                          check=False, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("zarr_format", [3, 2])

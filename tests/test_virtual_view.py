@@ -3,11 +3,8 @@ generic Zarr / OME-Zarr clients that do not have mist-zarr (see tests/clients/).
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -19,6 +16,8 @@ import mist_zarr
 from mist_zarr.http_view import _documents, consolidate, consolidate_v2
 from mist_zarr.serve import serve_in_thread
 from mist_zarr.zarr2 import v2_documents, v3_source
+
+from .test_serve import fetch
 
 
 @pytest.fixture(scope="module")
@@ -105,19 +104,6 @@ def test_xarray_opens_each_level_with_coordinates_over_http(tmp_path, view):
             assert ds["image"].dtype == expected.dtype
             np.testing.assert_array_equal(ds["image"].values, expected.values)
             np.testing.assert_allclose(ds["x"].values, np.arange(ds.sizes["x"]) * 0.5 * 2**k)
-
-
-def fetch(url: str, path: str, method: str = "GET", headers: dict | None = None):
-    conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=10)
-    try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
-        for name, value in (headers or {}).items():
-            conn.putheader(name, value)
-        conn.endheaders()
-        resp = conn.getresponse()
-        return resp.status, resp.headers, resp.read()
-    finally:
-        conn.close()
 
 
 def test_virtual_chunks_are_the_indexed_prefix_with_ranges_and_validators(tmp_path):

@@ -14,10 +14,10 @@ sys.path.append(os.environ["MIST_CLIENT_SITE"])
 if importlib.util.find_spec("mist_zarr") is not None:
     raise SystemExit("mist_zarr is importable: this client must run without it")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import imagecodecs.zarr  # noqa: E402
-import numpy as np  # noqa: E402
+import imagecodecs.zarr
+import numpy as np
 
 imagecodecs.zarr.register_codecs()  # the HTJ2K chunks' codec, for zarr-python
 

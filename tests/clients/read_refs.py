@@ -15,12 +15,12 @@ sys.path.append(os.environ["MIST_CLIENT_SITE"])
 if importlib.util.find_spec("mist_zarr") is not None:
     raise SystemExit("mist_zarr is importable: this client must run without it")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import imagecodecs.numcodecs  # noqa: E402
-import imagecodecs.zarr  # noqa: E402
-import numpy as np  # noqa: E402
-import zarr  # noqa: E402
+import imagecodecs.numcodecs
+import imagecodecs.zarr
+import numpy as np
+import zarr
 
 imagecodecs.zarr.register_codecs()  # Zarr v3: the codec imagecodecs_htj2k
 imagecodecs.numcodecs.register_codecs()  # Zarr v2: the numcodecs compressor
