@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import json
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +76,9 @@ class VirtualViews:
         self._root = root
         self._resolve = resolve
         self._stores: OrderedDict[Path, tuple[tuple[int, int, int], Any]] = OrderedDict()
+        self._kinds: OrderedDict[Path, tuple[tuple[int, int, int], bool]] = OrderedDict()
+        self._kinds_lock = threading.Lock()
+        self._docs: dict[int, dict[str, bytes]] = {}  # id(store) -> its zarr.json documents
         self._lock = asyncio.Lock()
 
     async def lookup(self, url_path: str) -> Body | None:
@@ -94,11 +98,26 @@ class VirtualViews:
         return self._resolve(self._root, "/".join(parts))
 
     def _is_image(self, parts: list[str]) -> bool:
+        """Whether parts names a mist-zarr image group (answer cached per zarr.json version:
+        an image's zarr.json carries its source header and can be large)."""
+        path = self._real(parts) / "zarr.json"
         try:
-            doc = json.loads((self._real(parts) / "zarr.json").read_bytes())
+            stamp = _stamp(path.stat())
+        except OSError:
+            return False
+        cached = self._kinds.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            doc = json.loads(path.read_bytes())
         except (OSError, ValueError):
             return False
-        return isinstance(doc, dict) and ATTR in (doc.get("attributes") or {})
+        image = isinstance(doc, dict) and ATTR in (doc.get("attributes") or {})
+        with self._kinds_lock:  # called from worker threads
+            self._kinds[path] = (stamp, image)
+            while len(self._kinds) > _MAX_IMAGES:
+                self._kinds.popitem(last=False)
+        return image
 
     async def _view_body(self, parts: list[str], key: str, v2: bool) -> Body:
         image = self._real(parts)
@@ -106,7 +125,7 @@ class VirtualViews:
         document = ""
         if v2:  # answered from the v3 key it is a rendering of
             if key == ".zmetadata" or key.endswith("/.zmetadata"):
-                docs = await _documents(store)
+                docs = await self._documents(store)
                 return bytes_body(consolidate_v2(key, docs), mtime, "application/json")
             source = v3_source(key)
             if source is None:
@@ -128,7 +147,7 @@ class VirtualViews:
             return bytes_body(target, mtime, "application/json")
         if isinstance(target, bytes):
             if key == "zarr.json" or key.endswith("/zarr.json"):
-                target = consolidate(key, await _documents(store))
+                target = consolidate(key, await self._documents(store))
             return bytes_body(target, mtime, _content_type(key))
         physical, level, length = target
         return await asyncio.to_thread(self._prefix_body, image, physical, level, length)
@@ -148,7 +167,16 @@ class VirtualViews:
             self._stores[image] = (_stamp(st), store)
             while len(self._stores) > _MAX_IMAGES:
                 self._stores.popitem(last=False)
+            live = {id(entry[1]) for entry in self._stores.values()}
+            self._docs = {i: d for i, d in self._docs.items() if i in live}
         return store, int(st.st_mtime)
+
+    async def _documents(self, store: Any) -> dict[str, bytes]:
+        """The store's zarr.json documents, collected once per loaded store."""
+        docs = self._docs.get(id(store))
+        if docs is None:
+            docs = self._docs[id(store)] = await _documents(store)
+        return docs
 
     def _check_confined(self, image: Path) -> None:
         """403 unless the files a view reads before any chunk (the group's zarr.json and
