@@ -170,6 +170,17 @@ def _catalog_table(df, *, all_columns: bool) -> str:
     return "\n".join(rows)
 
 
+def _cmd_refs(args: argparse.Namespace) -> int:
+    from mist_zarr.refs import write_refs
+
+    levels = None if args.level is None else [args.level]
+    written = write_refs(args.image, args.out, levels=levels, url=args.url,
+                         zarr_format=args.zarr_format)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from mist_zarr.serve import run
 
@@ -257,7 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="dataset root (a path or a URL that can be listed)")
     p.set_defaults(func=_cmd_catalog)
 
-    p = sub.add_parser("serve", help="serve a directory read-only over HTTP with Range support")
+    p = sub.add_parser("refs", help="write fsspec reference files (kerchunk JSON): each level as a "
+                                    "virtual Zarr for static hosting")
+    p.add_argument("image", help="path or URL of a mist-zarr image")
+    p.add_argument("out", help="folder for s{K}.json per level, or a .json file with --level")
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("--level", type=int, metavar="K", help="only level K")
+    level.add_argument("--all", action="store_true", help="every level (the default)")
+    p.add_argument("--url", help="URL the image will be served at; chunk references are "
+                                 "{URL}/image/c/... (default: the image's own location)")
+    p.add_argument("--zarr-format", type=int, choices=[2, 3], default=3,
+                   help="Zarr v3, or v2 with the numcodecs codec (default: %(default)s)")
+    p.set_defaults(func=_cmd_refs)
+
+    p = sub.add_parser("serve", help="serve a directory read-only over HTTP with Range support, "
+                                     "plus each image's levels as OME-Zarr at <image>/ome/")
     p.add_argument("root", help="directory to serve")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")

@@ -25,6 +25,8 @@ from typing import Any, BinaryIO, NamedTuple
 
 from aiohttp import hdrs, web
 
+from .http_view import Body, VirtualViews
+
 __all__ = [
     "BYTES_SENT",
     "REQUESTS",
@@ -105,8 +107,14 @@ def make_app(
     outside root, are 403. Raises ValueError if root is not a directory.
     ``delay`` (seconds) holds every GET before it is answered: a stand-in for
     network latency in tests and benchmarks.
+
+    Beside the files, every image's virtual multiscale view is served at
+    ``<image>/ome/`` (Zarr v3) and ``<image>/ome-v2/`` (Zarr v2), and every
+    dataset root's catalog at ``<dataset>/catalog.json``
+    (:mod:`mist_zarr.http_view`), under the same rules.
     """
     base = _check_root(root)
+    views = VirtualViews(base, _resolve)
     app = web.Application()
     app[BYTES_SENT] = ByteCounter()
     app[REQUESTS] = deque(maxlen=_MAX_RECORDS)
@@ -115,12 +123,15 @@ def make_app(
         if delay > 0:
             await asyncio.sleep(delay)
         url_path = request.match_info["path"]
+        body = await views.lookup(url_path)
+        if body is not None:
+            return await _send(request, body)
         target = await asyncio.to_thread(_open, base, url_path, listing)
         if isinstance(target, list):
             return web.json_response(target)
         f, st = target
         with f:
-            return await _send_file(request, f, st, url_path)
+            return await _send(request, _file_body(f, st, url_path))
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         # Headers go on every response, errors included, so that browser
@@ -194,40 +205,46 @@ def _open(
     return f, os.fstat(f.fileno())
 
 
-async def _send_file(
-    request: web.Request, f: BinaryIO, st: os.stat_result, url_path: str
-) -> web.StreamResponse:
-    """Answer a GET or HEAD for an open regular file."""
-    tag = f"{st.st_mtime_ns:x}-{st.st_size:x}"
-    mtime = int(st.st_mtime)  # HTTP dates have one-second resolution
+def _file_body(f: BinaryIO, st: os.stat_result, url_path: str) -> Body:
+    """The body of an open regular file (read while the file stays open)."""
+
+    def read(start: int, n: int) -> bytes:
+        f.seek(start)
+        return f.read(n)
+
+    content_type = "application/json" if url_path.endswith(".json") else "application/octet-stream"
+    return Body(st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}", int(st.st_mtime), content_type,
+                read)
+
+
+async def _send(request: web.Request, body: Body) -> web.StreamResponse:
+    """Answer a GET or HEAD with body: conditional requests, one range, then the bytes."""
+    mtime = body.mtime  # HTTP dates have one-second resolution
     headers = {
         hdrs.ACCEPT_RANGES: "bytes",
-        hdrs.ETAG: f'"{tag}"',
+        hdrs.ETAG: f'"{body.tag}"',
         hdrs.LAST_MODIFIED: formatdate(mtime, usegmt=True),
     }
-    if (status := _precondition(request, tag, mtime)) is not None:
+    if (status := _precondition(request, body.tag, mtime)) is not None:
         return web.Response(status=status, headers=headers)
-    span = _byte_range(request, st.st_size, headers[hdrs.ETAG], mtime)
-    start, stop = span or (0, st.st_size)
+    span = _byte_range(request, body.size, headers[hdrs.ETAG], mtime)
+    start, stop = span or (0, body.size)
     if span:
-        headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{stop - 1}/{st.st_size}"
-    headers[hdrs.CONTENT_TYPE] = (
-        "application/json" if url_path.endswith(".json") else "application/octet-stream"
-    )
+        headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{stop - 1}/{body.size}"
+    headers[hdrs.CONTENT_TYPE] = body.content_type
     resp = web.StreamResponse(status=206 if span else 200, headers=headers)
     resp.content_length = stop - start
     await resp.prepare(request)
     if request.method == hdrs.METH_GET:
-        f.seek(start)
-        remaining = stop - start
-        while remaining:
-            chunk = await asyncio.to_thread(f.read, min(_CHUNK_SIZE, remaining))
+        position = start
+        while position < stop:
+            chunk = await asyncio.to_thread(body.read, position, min(_CHUNK_SIZE, stop - position))
             if not chunk:
                 # Headers promised more bytes than exist: fail, so that aiohttp
                 # drops the connection instead of leaving the client waiting.
-                raise OSError(f"{f.name} shrank while being sent")
+                raise OSError(f"{request.path} shrank while being sent")
             await resp.write(chunk)
-            remaining -= len(chunk)
+            position += len(chunk)
     await resp.write_eof()
     return resp
 

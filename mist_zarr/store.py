@@ -403,6 +403,19 @@ class MultiscaleStore(Store):
             return None
         return f"{IMAGE}/c{m.group(2)}", k, length
 
+    async def locate(self, key: str) -> bytes | tuple[str, int, int] | None:
+        """What virtual ``key`` is, without reading a chunk: a metadata document's bytes,
+        ``(physical key, level, prefix length)`` for a stored chunk, or None (an absent
+        chunk, or not a key of the view). For servers and reference files that hand out
+        the physical bytes themselves."""
+        state = await self.state()
+        if key in state.meta:
+            return state.meta[key]
+        try:
+            return self.resolve(state, key)
+        except KeyError:
+            return None
+
     def _plan(self, state: _State, key: str, byte_range: ByteRequest | None
               ) -> _Fetch | bytes | None:
         """Metadata or cached bytes, None (absent), or the chunk read to make."""

@@ -10,7 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("MIST_DATA", REPO.parent / "shared" / "data"))
-TEST_DATA = Path(__file__).resolve().parent / "data"
+TESTS = Path(__file__).resolve().parent
+TEST_DATA = TESTS / "data"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,3 +65,33 @@ def written(tmp_path, phantom):
     vol[3] = 0
     info = mist_zarr.write_image(tmp_path / "img.zarr", vol, spacing=(3.0, 0.8, 0.8))
     return tmp_path / "img.zarr", vol, info
+
+
+@pytest.fixture(scope="session")
+def clean_python(tmp_path_factory: pytest.TempPathFactory):
+    """Run a client script as a user without mist-zarr would: ``python -I -S script.py``
+    with sys.path = the standard library plus a copy (symlinks) of site-packages
+    that leaves out mist-zarr and every ``.pth`` file (the editable install's hook).
+    The scripts in tests/clients/ assert that mist_zarr cannot be imported."""
+    import site
+    import subprocess
+    import sys
+
+    farm = tmp_path_factory.mktemp("site-without-mist-zarr")
+    for directory in site.getsitepackages():
+        for entry in Path(directory).iterdir():
+            name = entry.name.lower()
+            if (name.startswith(("mist_zarr", "mist-zarr", "__editable__"))
+                    or name.endswith(".pth") or (farm / entry.name).exists()):
+                continue
+            (farm / entry.name).symlink_to(entry)
+
+    def run(script: str, *args: str, timeout: float = 300) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", str(TESTS / "clients" / script), *map(str, args)],
+            check=False, capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, "MIST_CLIENT_SITE": str(farm)})
+        assert proc.returncode == 0, f"{script} {args} failed:\n{proc.stdout}\n{proc.stderr}"
+        return proc.stdout
+
+    return run
