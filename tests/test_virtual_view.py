@@ -196,7 +196,7 @@ def test_dataset_roots_list_their_images_as_json(tmp_path, data_dir):
     report = mist_zarr.convert([data_dir / "nifti" / "example_mr_sm.nii.gz",
                                 data_dir / "nifti" / "example_ct.nii.gz"], dataset)
     assert report.ok
-    expected = mist_zarr.catalog(dataset)
+    expected = mist_zarr.catalog.catalog(dataset)
     with serve_in_thread(tmp_path) as server:
         reply = requests.get(f"{server.url}/dataset/catalog.json", timeout=30)
         assert reply.status_code == 200 and reply.headers["Access-Control-Allow-Origin"] == "*"
