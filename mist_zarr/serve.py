@@ -25,6 +25,8 @@ from typing import Any, BinaryIO, NamedTuple
 
 from aiohttp import hdrs, web
 
+from .viewer import add_viewer_routes, viewer_status
+
 __all__ = [
     "BYTES_SENT",
     "REQUESTS",
@@ -89,6 +91,7 @@ def make_app(
     *,
     listing: bool = False,
     cors_origin: str | None = "*",
+    viewer: bool = False,
 ) -> web.Application:
     """Return an aiohttp app serving the files under root, read-only.
 
@@ -102,6 +105,7 @@ def make_app(
     which case they are a JSON array of names (subdirectories end in "/").
     Paths with dot segments, backslashes or NUL, and symlinks resolving
     outside root, are 403. Raises ValueError if root is not a directory.
+    With viewer, ``/`` is the web viewer (``mist_zarr.viewer``).
     """
     base = _check_root(root)
     app = web.Application()
@@ -133,6 +137,8 @@ def make_app(
             RequestRecord(request.path, response.status, request.headers.get(hdrs.RANGE), body_len)
         )
 
+    if viewer:  # before the catch-all route, which would answer "/" first
+        add_viewer_routes(app, base)
     app.router.add_get("/{path:.*}", get)  # also answers HEAD
     if cors_origin is not None:
         app.router.add_route(hdrs.METH_OPTIONS, "/{path:.*}", _preflight)
@@ -377,8 +383,11 @@ def run(
     host: str = "127.0.0.1",
     port: int = 8000,
     listing: bool = False,
+    viewer: bool = True,
 ) -> None:
-    """Serve root on host:port until interrupted, printing the URL."""
-    app = make_app(root, listing=listing)
+    """Serve root on host:port until interrupted, printing the URL (and the viewer's status)."""
+    app = make_app(root, listing=listing, viewer=viewer)
+    if viewer:
+        print(viewer_status(), flush=True)
     # Flush so the URL shows up even when stdout is a pipe.
     web.run_app(app, host=host, port=port, print=functools.partial(print, flush=True))

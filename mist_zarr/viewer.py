@@ -1,0 +1,97 @@
+"""The web viewer's routes for ``mist-zarr serve``: the page, its bundle and the catalog as JSON.
+
+The page's source lives in ``mist_zarr/web/`` (``package.json``,
+``src/``); ``npm ci`` + esbuild build it into ``mist_zarr/web/dist/`` when
+the package is built or installed (see ``setup.py``). A wheel carries the
+built files, so installing from a wheel needs no Node. Where the bundle is
+missing, ``/`` answers with a page saying how to build it, and
+:func:`viewer_status` says the same on the console.
+
+Routes (all GET, read-only):
+
+* ``/`` -- the viewer page;
+* ``/_viewer/<file>`` -- the bundle (JavaScript, WebAssembly, CSS);
+* ``/_viewer/catalog.json`` -- the dataset catalog (``catalog.parquet``,
+  built by scanning when absent) as a JSON array of records, since Parquet
+  is not practical to read in a browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+__all__ = ["BUNDLE_DIR", "PREFIX", "add_viewer_routes", "catalog_records", "viewer_status"]
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+BUNDLE_DIR = WEB_DIR / "dist"
+PREFIX = "/_viewer"
+# The files the page needs; anything else under /_viewer/ is 404.
+_ASSETS = {
+    "viewer.js": "text/javascript",
+    "viewer.css": "text/css",
+    "openjphjs.wasm": "application/wasm",
+}
+_BUILD_HINT = (
+    "the web viewer is not built: install Node.js >= 20 with npm and reinstall "
+    "(pip install -e . runs `npm ci` and esbuild), or run `npm ci && npm run build` "
+    f"in {WEB_DIR}"
+)
+
+
+def viewer_status() -> str:
+    """One line for the console: where the viewer is, or how to build it."""
+    if (BUNDLE_DIR / "viewer.js").is_file():
+        return "web viewer at / (catalog, slices, progressive refinement)"
+    return _BUILD_HINT
+
+
+def catalog_records(root: Path) -> list[dict[str, Any]]:
+    """The dataset catalog under root as JSON-ready records (empty if root holds no image)."""
+    from .catalog import catalog
+
+    df = catalog(root, write=False)
+    return [_json_ready(row) for row in df.to_dict(orient="records")]
+
+
+def _json_ready(value: Any) -> Any:
+    """Plain JSON types for a catalog value (numpy scalars, arrays, NaN)."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        value = value.tolist() if hasattr(value, "tolist") else value
+        return [_json_ready(v) for v in value] if isinstance(value, list) else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def add_viewer_routes(app: web.Application, root: Path) -> None:
+    """Register the viewer's routes on app; call before the catch-all file route."""
+
+    async def page(request: web.Request) -> web.Response:
+        html = (WEB_DIR / "index.html").read_text(encoding="utf-8")
+        if not (BUNDLE_DIR / "viewer.js").is_file():
+            html = html.replace("<!--status-->", f"<p class=error>{_BUILD_HINT}</p>")
+        return web.Response(text=html, content_type="text/html")
+
+    async def asset(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if name == "catalog.json":
+            try:
+                records = await asyncio.to_thread(catalog_records, root)
+            except (OSError, ValueError) as exc:
+                raise web.HTTPInternalServerError(
+                    text=f"cannot read the catalog of {root}: {exc}") from exc
+            return web.json_response(records, dumps=lambda o: json.dumps(o, allow_nan=False))
+        if name not in _ASSETS or not (BUNDLE_DIR / name).is_file():
+            raise web.HTTPNotFound(text=f"{PREFIX}/{name}: no such viewer file ({viewer_status()})")
+        return web.FileResponse(BUNDLE_DIR / name, headers={"Content-Type": _ASSETS[name]})
+
+    app.router.add_get("/", page)
+    app.router.add_get(PREFIX + "/{name}", asset)

@@ -1,0 +1,133 @@
+// One stored chunk (an HTJ2K codestream), fetched and decoded level by level.
+//
+// The prefix index gives, per chunk, the bytes level k needs (p[n] < ... < p[0],
+// p[0] the whole chunk). Level k is fetched as ONE Range request for the bytes
+// beyond the prefix already held, so refining a slice from the coarsest level
+// to level 0 transfers each byte of the chunk exactly once. The index is exact
+// (docs/format.md): a prefix ends where the next resolution's tile-part starts,
+// so the two bytes that continue it are FF 90 (SOT) and the chunk ends with
+// FF D9 (EOC); both are checked on bytes that are fetched anyway, because a
+// short prefix decodes without error into a wrong image.
+
+import openjphFactory from "@cornerstonejs/codec-openjph";
+
+// Captured at load: the bundle's own URL locates the WebAssembly beside it.
+const BUNDLE_URL = document.currentScript ? document.currentScript.src : location.href;
+let codecPromise = null;
+
+/** The OpenJPH WebAssembly module, loaded once. */
+export function loadCodec() {
+  codecPromise ??= openjphFactory({
+    locateFile: (name) => new URL(name, BUNDLE_URL).href,
+  });
+  return codecPromise;
+}
+
+const hex = (bytes) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0").toUpperCase()).join(" ");
+
+export class ProgressiveChunk {
+  /**
+   * @param {string} url chunk URL
+   * @param {number[]} prefixes bytes needed per level, prefixes[k] for k = 0..n
+   */
+  constructor(url, prefixes) {
+    this.url = url;
+    this.prefixes = prefixes;
+    this.bytes = new Uint8Array(prefixes[0]);
+    this.have = 0;
+    this.etag = null;
+    this.pending = null;
+  }
+
+  /** Make sure the prefix of level k is held; one Range request at most. */
+  async fetchLevel(k, signal) {
+    // One request at a time per chunk: a second caller waits for the first.
+    while (this.pending) await this.pending;
+    if (this.prefixes[k] <= this.have) return 0;
+    this.pending = this._fetch(k, signal);
+    try {
+      return await this.pending;
+    } finally {
+      this.pending = null;
+    }
+  }
+
+  async _fetch(k, signal) {
+    const start = this.have;
+    const stop = this.prefixes[k];
+    const headers = { Range: `bytes=${start}-${stop - 1}` };
+    // If the file changed since the first part was fetched, the server sends
+    // it whole (200) instead of a range, and the mismatch is reported below.
+    if (this.etag) headers["If-Range"] = this.etag;
+    const resp = await fetch(this.url, { headers, cache: "no-store", signal });
+    if (resp.status !== 206) {
+      const why = resp.status === 200 && start > 0 ? " (the file changed while being viewed?)" : "";
+      throw new Error(`${this.url}: expected 206 for bytes ${start}-${stop - 1}, got ${resp.status}${why}`);
+    }
+    const range = /^bytes (\d+)-(\d+)\/(\d+)$/.exec(resp.headers.get("Content-Range") || "");
+    if (!range || +range[1] !== start || +range[2] !== stop - 1 || +range[3] !== this.prefixes[0]) {
+      throw new Error(
+        `${this.url}: asked for bytes ${start}-${stop - 1} of ${this.prefixes[0]}, ` +
+          `got Content-Range ${resp.headers.get("Content-Range")} (index and chunk disagree)`,
+      );
+    }
+    this.etag ??= resp.headers.get("ETag");
+    const part = new Uint8Array(await resp.arrayBuffer());
+    if (part.length !== stop - start) {
+      throw new Error(`${this.url}: expected ${stop - start} bytes, received ${part.length}`);
+    }
+    this._check(k, start, part);
+    this.bytes.set(part, start);
+    this.have = stop;
+    return part.length;
+  }
+
+  _check(k, start, part) {
+    const expect = (what, found, want) => {
+      if (found !== want) {
+        throw new Error(`${this.url}: ${what}: expected ${want}, found ${found}; the prefix index does not match this chunk`);
+      }
+    };
+    if (start === 0) expect("codestream start", hex(part.subarray(0, 2)), "FF 4F");
+    else expect(`bytes after the ${start}-byte prefix already held`, hex(part.subarray(0, 2)), "FF 90");
+    if (k === 0) expect("codestream end", hex(part.subarray(part.length - 2)), "FF D9");
+  }
+
+  /** Decode the held prefix at level k: {width, height, components, samples}. */
+  async decode(k) {
+    if (this.have < this.prefixes[k]) throw new Error(`${this.url}: level ${k} not fetched`);
+    const codec = await loadCodec();
+    const decoder = new codec.HTJ2KDecoder();
+    try {
+      decoder.getEncodedBuffer(this.prefixes[k]).set(this.bytes.subarray(0, this.prefixes[k]));
+      decoder.readHeader();
+      decoder.decodeSubResolution(k, 0);
+      const info = decoder.getFrameInfo();
+      const size = decoder.calculateSizeAtDecompositionLevel(k);
+      // getDecodedBuffer is a view into WebAssembly memory: copy it out.
+      const raw = decoder.getDecodedBuffer().slice();
+      const samples = typed(raw.buffer, info, size);
+      return { width: size.width, height: size.height, components: info.componentCount, samples, atLimit: samples.atLimit || 0 };
+    } finally {
+      decoder.delete();
+    }
+  }
+}
+
+function typed(buffer, info, size) {
+  const bits = info.bitsPerSample;
+  if (bits <= 8) return info.isSigned ? new Int8Array(buffer) : new Uint8Array(buffer);
+  if (bits <= 16) return info.isSigned ? new Int16Array(buffer) : new Uint16Array(buffer);
+  // OpenJPH's WebAssembly build writes at most 16 bits per sample: wider
+  // samples come back saturated to 16 bits, each row in the first half of a
+  // 32-bit-wide row. Samples at the limits are counted so that the page can
+  // say the image may be clipped there, rather than show a wrong one silently.
+  const Type = info.isSigned ? Int16Array : Uint16Array;
+  const [lo, hi] = info.isSigned ? [-32768, 32767] : [0, 65535];
+  const row = size.width * info.componentCount;
+  const wide = new Type(buffer);
+  const samples = new Type(row * size.height);
+  for (let y = 0; y < size.height; y++) samples.set(wide.subarray(2 * y * row, 2 * y * row + row), y * row);
+  samples.atLimit = samples.reduce((n, v) => n + (v === lo || v === hi), 0);
+  return samples;
+}
