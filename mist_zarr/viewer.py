@@ -24,9 +24,17 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 
-__all__ = ["BUNDLE_DIR", "PREFIX", "add_viewer_routes", "catalog_records", "viewer_status"]
+__all__ = [
+    "BUNDLE_DIR",
+    "PREFIX",
+    "add_viewer_routes",
+    "catalog_records",
+    "render_plane",
+    "viewer_status",
+]
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 BUNDLE_DIR = WEB_DIR / "dist"
@@ -49,6 +57,39 @@ def viewer_status() -> str:
     if (BUNDLE_DIR / "viewer.js").is_file():
         return "web viewer at / (catalog, slices, progressive refinement)"
     return _BUILD_HINT
+
+
+def render_plane(
+    source: Any, level: int, pos: tuple[int, ...], center: float, width: float
+) -> np.ndarray:
+    """The viewer's grey image of one plane, computed server-side: uint8 (y, x) or (y, x, 3).
+
+    The same rule as the page (``web/src/display.js``): values as
+    :func:`mist_zarr.open` returns them at ``level``; for CT, times the DICOM
+    rescale slope plus intercept (HU); ``round(255 * clip((x - (center -
+    width / 2)) / width, 0, 1))``; inverted for MONOCHROME1. ``pos`` indexes
+    the axes before ``y``.
+    """
+    from .access import open as open_level
+
+    image = open_level(source, scale=level)
+    plane = np.asarray(image[tuple(pos)].values, dtype=np.float64)
+    meta = image.attrs["metadata"]
+    dicom = meta.get("dicom", {})
+
+    def number(tag: str) -> float | None:
+        value = (dicom.get(tag) or {}).get("Value") or [None]
+        return value[0] if isinstance(value[0], (int, float)) else None
+
+    modality = meta.get("modality") or ((dicom.get("00080060") or {}).get("Value") or [""])[0]
+    slope, intercept = number("00281053"), number("00281052")
+    if modality == "CT" and slope is not None and intercept is not None:
+        plane = plane * slope + intercept
+    grey = np.floor(255 * np.clip((plane - (center - width / 2)) / width, 0, 1) + 0.5)
+    photometric = meta.get("photometric") or ((dicom.get("00280004") or {}).get("Value") or [""])[0]
+    if photometric == "MONOCHROME1":
+        grey = 255 - grey
+    return grey[..., :3].astype(np.uint8) if grey.ndim == 3 else grey.astype(np.uint8)
 
 
 def catalog_records(root: Path) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ await build({
   target: ["es2022"],
   minify: true,
   sourcemap: false,
-  legalComments: "linked",
+  legalComments: "eof",
   outfile: here + "dist/viewer.js",
   logLevel: "warning",
 });

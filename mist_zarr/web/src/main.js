@@ -12,9 +12,12 @@ import { presets, render, valueModel } from "./display.js";
 const params = new URLSearchParams(location.search);
 // ?progressive=0 fetches level 0 at once: the baseline of the benchmark.
 const PROGRESSIVE = params.get("progressive") !== "0";
+// ?finest=k stops refining at level k (saves bytes; the tests compare each level).
+const FINEST = Math.max(0, parseInt(params.get("finest") || "0", 10) || 0);
 
 const state = (window.mistViewer = {
   progressive: PROGRESSIVE,
+  finest: FINEST,
   firstImageMs: null, // since navigation start, the first image of any level
   log: [], // one record per drawn level: {path, pos, level, bytes, ms}
   errors: [],
@@ -87,7 +90,7 @@ class SeriesView {
     this.abort = null;
     this.canvas = $("canvas", { id: "view", "data-path": series.path });
     this.status = $("span", { class: "status" });
-    this.warning = $("p", { class: "error", id: "warning" });
+    this.warning = $("p", { class: "warning", id: "warning" });
     this.presetSelect = $("select", { id: "preset", onchange: () => this.choosePreset() });
     this.centerInput = $("input", { id: "center", type: "number", step: "any", onchange: () => this.readWindow() });
     this.widthInput = $("input", { id: "width", type: "number", step: "any", min: "1", onchange: () => this.readWindow() });
@@ -137,11 +140,12 @@ class SeriesView {
     const s = this.series;
     const tiles = s.tiles(this.pos);
     const held = s.heldLevel(tiles);
-    const start = held ?? (PROGRESSIVE ? s.levels : 0);
+    const finest = Math.min(FINEST, s.levels);
+    const start = Math.max(held ?? (PROGRESSIVE ? s.levels : 0), finest);
     const t0 = performance.now();
     const pos = this.pos.filter((_, i) => s.sliceAxes.includes(i));
     try {
-      for (let k = start; k >= 0; k--) {
+      for (let k = start; k >= finest; k--) {
         const { plane, bytes } = await s.loadLevel(tiles, k, ctrl.signal);
         if (ctrl.signal.aborted) return;
         this.draw(plane, k);

@@ -2,12 +2,13 @@
 //
 // The prefix index gives, per chunk, the bytes level k needs (p[n] < ... < p[0],
 // p[0] the whole chunk). Level k is fetched as ONE Range request for the bytes
-// beyond the prefix already held, so refining a slice from the coarsest level
-// to level 0 transfers each byte of the chunk exactly once. The index is exact
-// (docs/format.md): a prefix ends where the next resolution's tile-part starts,
-// so the two bytes that continue it are FF 90 (SOT) and the chunk ends with
-// FF D9 (EOC); both are checked on bytes that are fetched anyway, because a
-// short prefix decodes without error into a wrong image.
+// beyond those already held, so refining a slice from the coarsest level to
+// level 0 transfers each byte of the chunk exactly once. A prefix ends where
+// the next resolution's tile-part starts (docs/format.md), so the two bytes
+// after it are FF 90 (SOT): each request for level k > 0 reaches two bytes
+// past p[k] and they are checked BEFORE level k is decoded, because a prefix
+// that is too short decodes without error into a wrong image. The next
+// request continues after them, so no byte is fetched twice.
 
 import openjphFactory from "@cornerstonejs/codec-openjph";
 
@@ -39,11 +40,20 @@ export class ProgressiveChunk {
     this.pending = null;
   }
 
-  /** Make sure the prefix of level k is held; one Range request at most. */
+  /** Bytes held once level k is fetched: its prefix and, for k > 0, the two checked after it. */
+  target(k) {
+    return k === 0 ? this.prefixes[0] : this.prefixes[k] + 2;
+  }
+
+  holds(k) {
+    return this.have >= this.target(k);
+  }
+
+  /** Make sure the prefix of level k is held and checked; one Range request at most. */
   async fetchLevel(k, signal) {
     // One request at a time per chunk: a second caller waits for the first.
     while (this.pending) await this.pending;
-    if (this.prefixes[k] <= this.have) return 0;
+    if (this.holds(k)) return 0;
     this.pending = this._fetch(k, signal);
     try {
       return await this.pending;
@@ -54,7 +64,7 @@ export class ProgressiveChunk {
 
   async _fetch(k, signal) {
     const start = this.have;
-    const stop = this.prefixes[k];
+    const stop = this.target(k);
     const headers = { Range: `bytes=${start}-${stop - 1}` };
     // If the file changed since the first part was fetched, the server sends
     // it whole (200) instead of a range, and the mismatch is reported below.
@@ -76,26 +86,28 @@ export class ProgressiveChunk {
     if (part.length !== stop - start) {
       throw new Error(`${this.url}: expected ${stop - start} bytes, received ${part.length}`);
     }
-    this._check(k, start, part);
     this.bytes.set(part, start);
     this.have = stop;
+    this._check(k, start);
     return part.length;
   }
 
-  _check(k, start, part) {
+  _check(k, start) {
+    const at = (i) => hex(this.bytes.subarray(i, i + 2));
     const expect = (what, found, want) => {
       if (found !== want) {
+        this.have = 0; // nothing held is trusted any more
         throw new Error(`${this.url}: ${what}: expected ${want}, found ${found}; the prefix index does not match this chunk`);
       }
     };
-    if (start === 0) expect("codestream start", hex(part.subarray(0, 2)), "FF 4F");
-    else expect(`bytes after the ${start}-byte prefix already held`, hex(part.subarray(0, 2)), "FF 90");
-    if (k === 0) expect("codestream end", hex(part.subarray(part.length - 2)), "FF D9");
+    if (start === 0) expect("codestream start", at(0), "FF 4F");
+    if (k > 0) expect(`bytes after the level-${k} prefix (${this.prefixes[k]} bytes)`, at(this.prefixes[k]), "FF 90");
+    else expect("codestream end", at(this.prefixes[0] - 2), "FF D9");
   }
 
   /** Decode the held prefix at level k: {width, height, components, samples}. */
   async decode(k) {
-    if (this.have < this.prefixes[k]) throw new Error(`${this.url}: level ${k} not fetched`);
+    if (!this.holds(k)) throw new Error(`${this.url}: level ${k} not fetched`);
     const codec = await loadCodec();
     const decoder = new codec.HTJ2KDecoder();
     try {

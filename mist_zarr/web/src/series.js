@@ -99,7 +99,7 @@ export class Series {
   /** The finest level every chunk of these tiles already holds, or null. */
   heldLevel(tiles) {
     for (let k = 0; k <= this.levels; k++) {
-      if (tiles.every((t) => !t.chunk || t.chunk.have >= t.chunk.prefixes[k])) return k;
+      if (tiles.every((t) => !t.chunk || t.chunk.holds(k))) return k;
     }
     return null;
   }
