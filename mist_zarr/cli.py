@@ -171,7 +171,7 @@ def _catalog_table(df, *, all_columns: bool) -> str:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from mist_zarr.serve import run
 
-    run(args.root, host=args.host, port=args.port, listing=args.listing)
+    run(args.root, host=args.host, port=args.port, listing=args.listing, viewer=not args.no_viewer)
     return 0
 
 
@@ -254,11 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="dataset root (a path or a URL that can be listed)")
     p.set_defaults(func=_cmd_catalog)
 
-    p = sub.add_parser("serve", help="serve a directory read-only over HTTP with Range support")
+    p = sub.add_parser("serve", help="serve a directory read-only over HTTP with Range support, "
+                       "and a web viewer at /")
     p.add_argument("root", help="directory to serve")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--listing", action="store_true", help="allow directory listings")
+    p.add_argument("--no-viewer", action="store_true",
+                   help="no web viewer: / is the root directory (listed with --listing)")
     p.set_defaults(func=_cmd_serve)
     return parser
 

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from PIL import Image
 import mist_zarr
 from mist_zarr.catalog import catalog
 from mist_zarr.serve import serve_in_thread
-from mist_zarr.viewer import BUNDLE_DIR, render_plane
+from mist_zarr.viewer import BUNDLE_DIR, render_plane, viewer_status
 
 from .conftest import shared
 
@@ -244,3 +245,43 @@ def test_without_the_bundle_the_page_says_how_to_build_it(dataset, monkeypatch, 
         with urllib.request.urlopen(srv.url + "/") as resp:
             html = resp.read().decode()
     assert "not built" in html and "npm ci" in html
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("viewer", [True, False])
+def test_cli_serve_announces_and_serves_the_viewer(dataset, viewer):
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "mist_zarr.cli", "serve", str(dataset), "--port", str(port)]
+    proc = subprocess.Popen(cmd + ([] if viewer else ["--no-viewer"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        status = None
+        for _ in range(200):  # at most ~20 s for the server to come up
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/") as resp:
+                    status, body = resp.status, resp.read().decode()
+                break
+            except urllib.error.HTTPError as exc:
+                status, body = exc.code, ""
+                break
+            except OSError:
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    if viewer:
+        assert status == 200 and "_viewer/viewer.js" in body
+        assert viewer_status() in out
+    else:
+        assert status == 404 and "viewer" not in out
