@@ -197,9 +197,11 @@ def test_refinement_transfers_the_chunk_once(page, server, dataset, path, chunk,
         page.click(f'tr[data-path="{path}"] a')
         page.wait_for_selector('canvas[data-level="0"]', state="attached", timeout=60_000)
     key = f"/{path}/image/c/" + "/".join(map(str, chunk))
-    chunk_requests = [r for r in server.requests if r.path == key]
-    # one request per level, n, n-1, ..., 0, each continuing the bytes held;
-    # level k > 0 reaches two bytes past its prefix, checked for FF 90 (SOT)
+    chunk_requests = sorted((r for r in server.requests if r.path == key),
+                            key=lambda r: int(r.range_header.split("=")[1].split("-")[0]))
+    # one request per level, n, n-1, ..., 0, each continuing the previous
+    # one's range (sent at once, so they may arrive in any order); level k > 0
+    # reaches two bytes past its prefix, checked for FF 90 (SOT) before decoding
     bounds = [0] + [p + 2 for p in prefixes[:0:-1]] + [prefixes[0]]
     assert [(r.status, r.range_header, r.body_len) for r in chunk_requests] == [
         (206, f"bytes={a}-{b - 1}", b - a) for a, b in zip(bounds, bounds[1:])

@@ -19,7 +19,7 @@ const state = (window.mistViewer = {
   progressive: PROGRESSIVE,
   finest: FINEST,
   firstImageMs: null, // since navigation start, the first image of any level
-  log: [], // one record per drawn level: {path, pos, level, bytes, ms}
+  log: [], // one record per drawn level: {path, pos, level, bytes, ms since the slice was asked for, t since navigation}
   errors: [],
   bytes: 0,
 });
@@ -145,12 +145,16 @@ class SeriesView {
     const t0 = performance.now();
     const pos = this.pos.filter((_, i) => s.sliceAxes.includes(i));
     try {
+      s.request(tiles, finest, ctrl.signal, !PROGRESSIVE);
       for (let k = start; k >= finest; k--) {
         const { plane, bytes } = await s.loadLevel(tiles, k, ctrl.signal);
         if (ctrl.signal.aborted) return;
+        // The percentile window comes from the coarsest level in every mode
+        // (held once any level is: its bytes are a prefix of the others').
+        if (!this.window) this.initWindow(k === s.levels ? plane : (await s.loadLevel(tiles, s.levels, ctrl.signal)).plane);
         this.draw(plane, k);
         state.bytes += bytes;
-        state.log.push({ path: s.path, pos, level: k, bytes, ms: performance.now() - t0 });
+        state.log.push({ path: s.path, pos, level: k, bytes, ms: performance.now() - t0, t: performance.now() });
         state.firstImageMs ??= performance.now();
       }
     } catch (err) {
@@ -161,7 +165,6 @@ class SeriesView {
   draw(plane, k) {
     this.plane = plane;
     this.level = k;
-    if (!this.window) this.initWindow(plane);
     this.paint();
   }
 

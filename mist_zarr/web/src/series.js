@@ -104,6 +104,11 @@ export class Series {
     return null;
   }
 
+  /** Send the requests of every level down to `finest` (see ProgressiveChunk.request). */
+  request(tiles, finest, signal, single = false) {
+    for (const t of tiles) t.chunk?.request(finest, signal, single);
+  }
+
   /** Fetch (only the missing bytes) and decode level k of the plane: {plane, bytes}. */
   async loadLevel(tiles, k, signal) {
     const sizes = await Promise.all(tiles.map((t) => (t.chunk ? t.chunk.fetchLevel(k, signal) : 0)));
