@@ -50,7 +50,7 @@ def build_viewer() -> None:
     if not lock.is_file() or lock.stat().st_mtime < (WEB / "package-lock.json").stat().st_mtime:
         steps.insert(0, [npm, "ci", "--no-audit", "--no-fund"])
     for cmd in steps:
-        result = subprocess.run(cmd, cwd=WEB, capture_output=True, text=True)
+        result = subprocess.run(cmd, cwd=WEB, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             _warn(f"`{' '.join(cmd[1:])}` in {WEB} failed, installing without the web viewer:\n"
                   + (result.stderr or result.stdout)[-2000:])

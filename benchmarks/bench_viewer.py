@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import cpu_model, package_versions  # noqa: E402
+from _machine import cpu_model, package_versions
 
 NETWORKS = {
     "loopback": None,
@@ -54,7 +54,7 @@ def convert_images(data: Path, work: Path) -> Path:
     src = work / "src"
     src.mkdir()
     shutil.copytree(data / "ct" / "CRLM-CT-1004", src / "CRLM-CT-1004")
-    png = sorted((data / "radiographs" / "nih-cxr14-png").glob("*.png"))[0]
+    png = min((data / "radiographs" / "nih-cxr14-png").glob("*.png"))
     shutil.copy(png, src)
     shutil.copy(data / "radiographs" / "RG1_J2KR.dcm", src)
     dest = work / "dataset"

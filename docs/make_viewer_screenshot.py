@@ -30,7 +30,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         shutil.copytree(data / "ct" / "CRLM-CT-1004", src / "CRLM-CT-1004")
-        shutil.copy(sorted((data / "radiographs" / "nih-cxr14-png").glob("*.png"))[0], src)
+        shutil.copy(min((data / "radiographs" / "nih-cxr14-png").glob("*.png")), src)
         mist_zarr.convert(src, Path(tmp) / "dataset")
         path = next(p for p in mist_zarr.catalog(Path(tmp) / "dataset")["path"] if p.startswith("CRLM"))
         with serve_in_thread(Path(tmp) / "dataset", viewer=True) as srv, sync_playwright() as p:

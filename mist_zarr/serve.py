@@ -10,7 +10,6 @@ that may have changed).
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import re
 import threading
@@ -387,7 +386,11 @@ def run(
 ) -> None:
     """Serve root on host:port until interrupted, printing the URL (and the viewer's status)."""
     app = make_app(root, listing=listing, viewer=viewer)
-    if viewer:
-        print(viewer_status(), flush=True)
-    # Flush so the URL shows up even when stdout is a pipe.
-    web.run_app(app, host=host, port=port, print=functools.partial(print, flush=True))
+
+    def announce(*args: Any) -> None:
+        # Flush so the URL shows up even when stdout is a pipe; the URL first.
+        print(*args, flush=True)
+        if viewer:
+            print(viewer_status(), flush=True)
+
+    web.run_app(app, host=host, port=port, print=announce)

@@ -16,6 +16,7 @@ import os
 import shutil
 import urllib.error
 import urllib.request
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +193,6 @@ def test_refinement_transfers_the_chunk_once(page, server, dataset, path, chunk,
     else:
         page.goto(server.url + "/")
         page.wait_for_selector("table.catalog")
-        page.evaluate("fetch('_viewer/viewer.css')")  # warm nothing else: the series is opened below
         server.reset_counters()
         page.click(f'tr[data-path="{path}"] a')
         page.wait_for_selector('canvas[data-level="0"]', state="attached", timeout=60_000)
@@ -204,7 +204,7 @@ def test_refinement_transfers_the_chunk_once(page, server, dataset, path, chunk,
     # reaches two bytes past its prefix, checked for FF 90 (SOT) before decoding
     bounds = [0] + [p + 2 for p in prefixes[:0:-1]] + [prefixes[0]]
     assert [(r.status, r.range_header, r.body_len) for r in chunk_requests] == [
-        (206, f"bytes={a}-{b - 1}", b - a) for a, b in zip(bounds, bounds[1:])
+        (206, f"bytes={a}-{b - 1}", b - a) for a, b in pairwise(bounds)
     ]
     assert sum(r.body_len for r in chunk_requests) == prefixes[0]
     if slider:  # nothing but the chunk was transferred
@@ -216,7 +216,7 @@ def test_refinement_transfers_the_chunk_once(page, server, dataset, path, chunk,
     log = page.evaluate("window.mistViewer.log")
     mine = [e for e in log if e["pos"] == [int(c) for c in chunk[:-2]]][-len(prefixes):]
     assert [e["level"] for e in mine] == list(range(len(prefixes) - 1, -1, -1))
-    assert [e["bytes"] for e in mine] == [b - a for a, b in zip(bounds, bounds[1:])]
+    assert [e["bytes"] for e in mine] == [b - a for a, b in pairwise(bounds)]
 
 
 def test_a_damaged_index_is_reported(page, server, dataset, tmp_path):
@@ -239,13 +239,12 @@ def test_a_damaged_index_is_reported(page, server, dataset, tmp_path):
 
 
 def test_without_the_bundle_the_page_says_how_to_build_it(dataset, monkeypatch, tmp_path):
-    import mist_zarr.viewer as viewer
+    from mist_zarr import viewer
 
     monkeypatch.setattr(viewer, "BUNDLE_DIR", tmp_path)
     assert "npm" in viewer.viewer_status()
-    with serve_in_thread(dataset, viewer=True) as srv:
-        with urllib.request.urlopen(srv.url + "/") as resp:
-            html = resp.read().decode()
+    with serve_in_thread(dataset, viewer=True) as srv, urllib.request.urlopen(srv.url + "/") as resp:
+        html = resp.read().decode()
     assert "not built" in html and "npm ci" in html
 
 
@@ -287,3 +286,47 @@ def test_cli_serve_announces_and_serves_the_viewer(dataset, viewer):
         assert viewer_status() in out
     else:
         assert status == 404 and "viewer" not in out
+
+
+def test_viewer_request_pattern_under_load(server, dataset):
+    """16 clients refining random CT slices the viewer's way, plus hostile viewer URLs."""
+    import http.client
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    import zarr
+
+    index = zarr.open_array(dataset / CT / "index", mode="r")[...]
+    port = int(server.url.rsplit(":", 1)[1])
+
+    def get(path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        return resp.status, body
+
+    def refine(i: int) -> tuple[str, list[tuple[int, bytes]]]:
+        rnd = random.Random(i)
+        if rnd.random() < 0.25:
+            path = rnd.choice(["/_viewer/../zarr.json", "/_viewer/%2e%2e/catalog.json",
+                               "/_viewer/..%2fcatalog.parquet", "/_viewer/viewer.js.map",
+                               "/_viewer/", "/_viewer/index.html/x"])
+            return path, [get(path, {})]
+        z = rnd.randrange(index.shape[0])
+        p = [int(v) for v in index[z, 0, 0]]
+        bounds = [0] + [v + 2 for v in p[:0:-1]] + [p[0]]
+        path = f"/{CT}/image/c/{z}/0/0"
+        with ThreadPoolExecutor(len(bounds) - 1) as parts:  # the viewer sends them at once
+            return path, list(parts.map(lambda ab: get(path, {"Range": f"bytes={ab[0]}-{ab[1] - 1}"}),
+                                        pairwise(bounds)))
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(refine, range(200)))
+    for path, answers in results:
+        if path.startswith("/_viewer/"):
+            assert [status for status, _ in answers] in ([403], [404]), path
+            continue
+        assert all(status == 206 for status, _ in answers)
+        assert b"".join(body for _, body in answers) == (dataset / path.lstrip("/")).read_bytes()
