@@ -185,7 +185,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from mist_zarr.serve import run
 
     run(args.root, host=args.host, port=args.port, listing=args.listing,
-        delay=args.delay_ms / 1000)
+        delay=args.delay_ms / 1000, viewer=not args.no_viewer)
     return 0
 
 
@@ -282,13 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_refs)
 
     p = sub.add_parser("serve", help="serve a directory read-only over HTTP with Range support, "
-                                     "plus each image's levels as OME-Zarr at <image>/ome/")
+                                     "each image's levels as OME-Zarr at <image>/ome/, and a web "
+                                     "viewer at /")
     p.add_argument("root", help="directory to serve")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--listing", action="store_true", help="allow directory listings")
     # simulated latency per request, for benchmarks: not a user feature
     p.add_argument("--delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--no-viewer", action="store_true",
+                   help="no web viewer: / is the root directory (listed with --listing)")
     p.set_defaults(func=_cmd_serve)
     return parser
 

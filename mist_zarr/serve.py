@@ -10,7 +10,6 @@ that may have changed).
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import re
 import threading
@@ -26,6 +25,7 @@ from typing import Any, BinaryIO, NamedTuple
 from aiohttp import hdrs, web
 
 from .http_view import Body, VirtualViews
+from .viewer import add_viewer_routes, viewer_status
 
 __all__ = [
     "BYTES_SENT",
@@ -92,6 +92,7 @@ def make_app(
     listing: bool = False,
     cors_origin: str | None = "*",
     delay: float = 0.0,
+    viewer: bool = False,
 ) -> web.Application:
     """Return an aiohttp app serving the files under root, read-only.
 
@@ -112,6 +113,8 @@ def make_app(
     ``<image>/ome/`` (Zarr v3) and ``<image>/ome-v2/`` (Zarr v2), and every
     dataset root's catalog at ``<dataset>/catalog.json``
     (:mod:`mist_zarr.http_view`), under the same rules.
+
+    With viewer, ``/`` is the web viewer (``mist_zarr.viewer``).
     """
     base = _check_root(root)
     views = VirtualViews(base, _resolve)
@@ -149,6 +152,8 @@ def make_app(
             RequestRecord(request.path, response.status, request.headers.get(hdrs.RANGE), body_len)
         )
 
+    if viewer:  # before the catch-all route, which would answer "/" first
+        add_viewer_routes(app, base)
     app.router.add_get("/{path:.*}", get)  # also answers HEAD
     if cors_origin is not None:
         app.router.add_route(hdrs.METH_OPTIONS, "/{path:.*}", _preflight)
@@ -400,8 +405,15 @@ def run(
     port: int = 8000,
     listing: bool = False,
     delay: float = 0.0,
+    viewer: bool = True,
 ) -> None:
-    """Serve root on host:port until interrupted, printing the URL."""
-    app = make_app(root, listing=listing, delay=delay)
-    # Flush so the URL shows up even when stdout is a pipe.
-    web.run_app(app, host=host, port=port, print=functools.partial(print, flush=True))
+    """Serve root on host:port until interrupted, printing the URL (and the viewer's status)."""
+    app = make_app(root, listing=listing, delay=delay, viewer=viewer)
+
+    def announce(*args: Any) -> None:
+        # Flush so the URL shows up even when stdout is a pipe; the URL first.
+        print(*args, flush=True)
+        if viewer:
+            print(viewer_status(), flush=True)
+
+    web.run_app(app, host=host, port=port, print=announce)
