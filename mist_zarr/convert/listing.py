@@ -9,14 +9,14 @@ import numpy as np
 import zarr
 
 from ..format import ATTR, ImageInfo
-from ..store import forget_listings
+from ..storage import forget_listings, open_group
 
 __all__ = ["list_images"]
 
 
 def list_images(dest: Any, *, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per mist-zarr image under the dataset root ``dest`` (sorted by path)."""
-    root = zarr.open_group(dest, mode="r", zarr_format=3, storage_options=storage_options)
+    root = open_group(dest, storage_options=storage_options)
     forget_listings(root.store_path.store)  # see what other processes wrote since a listing
     rows = []
     with warnings.catch_warnings():
