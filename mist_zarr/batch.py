@@ -50,7 +50,12 @@ def read_level(
     n = max(1, min(threads or (REMOTE_IMAGES if remote else default_threads()), len(paths)))
     if n == 1:
         return [_read_one(p, threads=1, **options) for p in paths]
-    return list(_pool(n).map(lambda p: _read_one(p, threads=1, **options), paths))
+    # a few tasks of many images: a hand-off per image costs as much as decoding a small level
+    per_task = max(1, min(64, len(paths) // (4 * n)))
+    groups = [paths[i:i + per_task] for i in range(0, len(paths), per_task)]
+    parts = _pool(n).map(lambda group: [_read_one(p, threads=1, **options) for p in group],
+                         groups)
+    return [values for part in parts for values in part]
 
 
 def _read_one(source: Any, *, scale: int | None, size: int | None, below: bool, rescale: bool,

@@ -208,8 +208,14 @@ class MistDataset:
             entry = self._images.get(path)
             if entry is not None:
                 self._images.move_to_end(path)
-                return entry
-        image = open_direct(join_location(self.root, path), storage_options=self.storage_options)
+        where = join_location(self.root, path)
+        if entry is not None and "://" in where:
+            return entry  # remote: an open costs requests; the catalog's images are kept
+        # locally an open is one small read that also notices a rewritten image (a new
+        # write id): the kept entry is used only while it is still that image's write
+        image = open_direct(where, storage_options=self.storage_options)
+        if entry is not None and image._parsed is not None and image._parsed is entry[0]._parsed:
+            return entry
         factor = None
         if self.rescale:
             info = image.info

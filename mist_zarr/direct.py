@@ -20,9 +20,11 @@ loop, decoding on the pool as the bytes arrive.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,7 +49,7 @@ from .format import (
 from .errors import ChecksumError, PrefixError
 from .storage import open_source_store, supports_sync_io
 from .prefix_cache import PrefixCache
-from .store import MultiscaleStore
+from .store import MultiscaleStore, source_identity
 
 __all__ = ["ChecksumError", "OpenedImage", "open_direct"]
 
@@ -82,11 +84,69 @@ def _forget_pools() -> None:  # a forked child (DataLoader worker) has none of t
     _POOLS_LOCK = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_pools)
-
-
 def default_threads() -> int:
     return min(32, os.cpu_count() or 1)
+
+
+# -- what an open parses, kept per image write ----------------------------------------------
+@dataclass
+class _Parsed:
+    """An image's parsed documents: its info, prefix index, checksums (once read) and the
+    chunk plan of each whole level. Shared by every open of the same write."""
+
+    info: ImageInfo
+    index: np.ndarray
+    size: int
+    crcs: np.ndarray | None = None
+    plans: dict[int, "_Plan"] = field(default_factory=dict)
+
+
+# Keyed on (where the image is, SHA-256 of its zarr.json): every write records a fresh
+# write id in zarr.json, so a rewritten image (or another image at the same path) never
+# finds the entry of the old one. Each open still reads zarr.json to check this.
+_PARSED: OrderedDict[tuple[Any, ...], _Parsed] = OrderedDict()
+_PARSED_LOCK = threading.Lock()
+_PARSED_MAX = 4096  # entries
+_PARSED_BYTES = 64 << 20  # documents + index + checksum bytes held
+_parsed_bytes = 0
+
+
+def _parsed(key: tuple[Any, ...] | None) -> _Parsed | None:
+    if key is None:
+        return None
+    with _PARSED_LOCK:
+        entry = _PARSED.get(key)
+        if entry is not None:
+            _PARSED.move_to_end(key)
+        return entry
+
+
+def _keep_parsed(key: tuple[Any, ...], entry: _Parsed) -> None:
+    global _parsed_bytes
+    with _PARSED_LOCK:
+        old = _PARSED.pop(key, None)
+        _parsed_bytes += entry.size - (old.size if old is not None else 0)
+        _PARSED[key] = entry
+        while _PARSED and (len(_PARSED) > _PARSED_MAX or _parsed_bytes > _PARSED_BYTES):
+            _parsed_bytes -= _PARSED.popitem(last=False)[1].size
+
+
+def _forget_parsed() -> None:
+    global _parsed_bytes, _PARSED_LOCK
+    _PARSED.clear()
+    _parsed_bytes = 0
+    _PARSED_LOCK = threading.Lock()
+
+
+def _after_fork() -> None:
+    _forget_pools()
+    # a forked child keeps the entries (they are still keyed on each image's zarr.json) but
+    # not a lock another thread of the parent may have held
+    global _PARSED_LOCK
+    _PARSED_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 # -- reading the group's own documents ----------------------------------------------------
@@ -106,10 +166,20 @@ class _Reader:
         root = getattr(store, "root", None)
         # LocalStore: a plain pread costs a fifth of get_sync (no Buffer, pathlib, file object)
         self.root = os.fspath(root) if type(store).__name__ == "LocalStore" and root else None
-        self.proto = default_buffer_prototype()
         # a MultiscaleStore's prefix cache: a finer level fetches only the bytes beyond
         # the prefix already held (see mist_zarr.progressive)
         self.cache = cache
+
+    @property
+    def proto(self) -> Any:
+        return default_buffer_prototype()
+
+    def identity(self) -> tuple[Any, ...] | None:
+        """Where the image is, as a cache key (None: unknown kind of store, no caching)."""
+        if self.root is not None:  # cheaper than source_identity's realpath, as exact a key
+            return ("local", os.path.abspath(self.root), self.prefix)
+        ident = source_identity(self.store)
+        return None if ident is None else (*ident, self.prefix)
 
     @property
     def local(self) -> bool:
@@ -237,14 +307,20 @@ class OpenedImage:
     index: np.ndarray
     reader: _Reader = field(repr=False)
     _crcs: np.ndarray | None = field(default=None, repr=False)
+    _parsed: _Parsed | None = field(default=None, repr=False)
 
     def checksums(self) -> np.ndarray:
+        if self._crcs is None and self._parsed is not None:
+            self._crcs = self._parsed.crcs
         if self._crcs is None:
             self._crcs = _small_array(self.reader, CHECKSUM,
                                       self.reader.get(f"{CHECKSUM}/zarr.json"))
             if self._crcs.shape != self.info.grid:
                 raise ValueError(f"{self.where}: checksum array has shape {self._crcs.shape}, "
                                  f"expected {self.info.grid}")
+            if self._parsed is not None:
+                self._crcs.flags.writeable = False
+                self._parsed.crcs = self._crcs
         return self._crcs
 
     def require_image_array(self) -> None:
@@ -280,14 +356,24 @@ def open_direct(source: Any, *, storage_options: Mapping[str, Any] | None = None
     """Open the mist-zarr image at ``source`` (path, URL, zarr store, group or
     :class:`MultiscaleStore`) for direct reads."""
     reader, where = _locate(source, storage_options)
-    docs = reader.get_many(["zarr.json", f"{INDEX}/zarr.json"])
+    if reader.local:  # a hit needs only zarr.json; a miss reads the index docs next
+        docs = [reader.get("zarr.json"), None]
+    else:  # one round trip for both documents
+        docs = reader.get_many(["zarr.json", f"{INDEX}/zarr.json"])
     if docs[0] is None:
         raise FileNotFoundError(f"{where}: no zarr.json: not a zarr group")
+    ident = reader.identity()
+    key = None if ident is None else (*ident, hashlib.sha256(docs[0]).digest())
+    hit = _parsed(key)
+    if hit is not None:
+        return OpenedImage(where, hit.info, hit.index, reader, _parsed=hit)
     try:
         attrs = json.loads(docs[0]).get("attributes", {}).get(ATTR)
     except ValueError as exc:
         raise ValueError(f"{where}: zarr.json is not valid JSON: {exc}") from None
     info = image_info(attrs, where, allow_incomplete)
+    if reader.local:
+        docs[1] = reader.get(f"{INDEX}/zarr.json")
     if info.complete or docs[1] is not None:
         index = _small_array(reader, INDEX, docs[1])
     else:  # an incomplete image may not have its index yet: level 0 only
@@ -295,7 +381,12 @@ def open_direct(source: Any, *, storage_options: Mapping[str, Any] | None = None
     expected = info.grid + (info.levels + 1,)
     if index.shape != expected:
         raise ValueError(f"{where}: prefix index has shape {index.shape}, expected {expected}")
-    return OpenedImage(where, info, index, reader)
+    entry = None
+    if key is not None and info.complete and info.write_id:  # only a finished, identified write
+        index.flags.writeable = False  # shared by every open of this write
+        entry = _Parsed(info, index, len(docs[0]) + 2 * index.nbytes)
+        _keep_parsed(key, entry)
+    return OpenedImage(where, info, index, reader, _parsed=entry)
 
 
 def image_info(attrs: Mapping[str, Any] | None, where: str, allow_incomplete: bool) -> ImageInfo:
@@ -334,6 +425,49 @@ def _span(c: int, n: int, region: slice) -> tuple[slice, slice, bool]:
     return src, dst, src.stop - src.start == n
 
 
+@dataclass
+class _Plan:
+    """Which chunks a read of one level (or region) touches, what to fetch of each and where
+    its samples go: computed once per whole level of an image write."""
+
+    out_shape: tuple[int, ...]
+    coords: list[tuple[int, ...]]
+    requests: list[tuple[str | None, int | None]]  # key (None: not written), bytes (None: all)
+    places: list[tuple[tuple[slice, ...], tuple[slice, ...], bool]]  # src, dst, whole chunk
+    plane: tuple[int, ...] | None  # the codestream's (y, x[, c]) when the axes before y are 1
+
+
+def _plan(image: OpenedImage, k: int, region: Sequence[slice] | None) -> _Plan:
+    info = image.info
+    shape, chunks = info.level_shape(k), info.level_chunks(k)
+    if region is None:
+        region = tuple(slice(0, n) for n in shape)
+    region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(region, shape))
+    first = [s.start // c for s, c in zip(region, chunks)]
+    last = [max(s.start, s.stop - 1) // c + 1 if s.stop > s.start else s.start // c
+            for s, c in zip(region, chunks)]
+    axes = [{c: _span(c, n, s) for c in range(a, b)}
+            for a, b, n, s in zip(first, last, chunks, region)]
+    coords = [tuple(a + c for a, c in zip(first, rel))
+              for rel in np.ndindex(*(b - a for a, b in zip(first, last)))]
+    requests: list[tuple[str | None, int | None]] = []
+    for c in coords:
+        key = f"{IMAGE}/c/" + "/".join(map(str, c))
+        if k == 0:
+            requests.append((key, None))  # level 0 may be read before the index is written
+        else:
+            length = int(image.index[c + (k,)])
+            requests.append((key, length + 2) if length else (None, None))
+    places = []
+    for c in coords:
+        src, dst, whole = zip(*(t[i] for t, i in zip(axes, c)))
+        places.append((src, dst, all(whole)))
+    iy = info.dims.index("y")
+    return _Plan(
+        out_shape=tuple(s.stop - s.start for s in region), coords=coords, requests=requests,
+        places=places, plane=chunks[iy:] if all(c == 1 for c in chunks[:iy]) else None)
+
+
 class _LevelRead:
     """The chunks of one level (or of a region of it) read, verified and decoded into ``out``."""
 
@@ -346,77 +480,57 @@ class _LevelRead:
             raise IncompleteImageError(f"{image.where}: reduced levels of an incompletely "
                                        "written image have no prefix index")
         self.image, self.k, self.info = image, k, info
-        self.shape = info.level_shape(k)
         self.chunks = info.level_chunks(k)
-        if region is None:
-            region = tuple(slice(0, n) for n in self.shape)
-        self.region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(region, self.shape))
-        first = [s.start // c for s, c in zip(self.region, self.chunks)]
-        last = [max(s.start, s.stop - 1) // c + 1 if s.stop > s.start else s.start // c
-                for s, c in zip(self.region, self.chunks)]
-        self.coords = list(np.ndindex(*(b - a for a, b in zip(first, last))))
-        # per axis and chunk index: (part of the chunk inside the region, where it goes in
-        # out, whether that is the whole chunk)
-        self.axes = [{c: _span(c, n, s) for c in range(a, b)}
-                     for a, b, n, s in zip(first, last, self.chunks, self.region)]
-        self.first = first
-        self.out = np.empty(tuple(s.stop - s.start for s in self.region), info.stored_dtype)
+        shared = image._parsed
+        plan = shared.plans.get(k) if shared is not None and region is None else None
+        if plan is None:
+            plan = _plan(image, k, region)
+            if shared is not None and region is None:
+                shared.plans[k] = plan
+        self.plan = plan
+        self.out = np.empty(plan.out_shape, info.stored_dtype)
         self.crcs = image.checksums() if verify and k == 0 else None
-        iy = info.dims.index("y")
-        # the codestream holds the chunk's plane (y, x[, c]); the axes before y are 1
-        self.plane = self.chunks[iy:] if all(c == 1 for c in self.chunks[:iy]) else None
-        self.zero_crc = (chunk_crc(np.zeros(info.chunks, info.stored_dtype))
-                         if self.crcs is not None else None)
 
     def run(self, threads: int | None) -> np.ndarray:
-        if not self.coords or not self.out.size:
+        todo = range(len(self.plan.coords))
+        if not todo or not self.out.size:
             return self.out
-        grid = [tuple(a + c for a, c in zip(self.first, rel)) for rel in self.coords]
         reader = self.image.reader
         if reader.local or (reader.sync and reader.cache is None and not _remote(reader.store)):
-            n = max(1, min(threads or default_threads(), len(grid)))
+            n = max(1, min(threads or default_threads(), len(todo)))
             if n == 1:
-                self._all(grid)
+                self._all(todo)
             else:  # one task per thread: per-chunk hand-offs cost as much as a coarse decode
-                parts = [grid[i::n] for i in range(n)]
-                list(_pool(n).map(self._all, parts))
+                list(_pool(n).map(self._all, [todo[i::n] for i in range(n)]))
         else:
-            _run(self._fetch_all(grid, max(1, threads or default_threads())))
+            _run(self._fetch_all(todo, max(1, threads or default_threads())))
         return self.out
 
-    def _all(self, grid: Iterable[tuple[int, ...]]) -> None:
-        for coords in grid:
-            self._place(coords, self._fetch(coords))
+    def _all(self, todo: Iterable[int]) -> None:
+        for i in todo:
+            self._place(i, self._fetch(i))
 
-    async def _fetch_all(self, grid: list[tuple[int, ...]], threads: int) -> None:
+    async def _fetch_all(self, todo: Iterable[int], threads: int) -> None:
         loop = asyncio.get_running_loop()
         gate = asyncio.Semaphore(CONCURRENCY)
         pool = _pool(threads)
 
-        async def one(coords: tuple[int, ...]) -> None:
-            key, length = self._request(coords)
+        async def one(i: int) -> None:
+            key, length = self.plan.requests[i]
             if key is None:
                 data = None
             else:
                 async with gate:
                     data = await self.image.reader.aget(key, length)
-            await loop.run_in_executor(pool, self._place, coords,
-                                       self._checked(coords, key, length, data))
+            await loop.run_in_executor(pool, self._place, i,
+                                       self._checked(self.plan.coords[i], key, length, data))
 
-        await asyncio.gather(*(one(c) for c in grid))
+        await asyncio.gather(*(one(i) for i in todo))
 
-    def _request(self, coords: tuple[int, ...]) -> tuple[str | None, int | None]:
-        """Physical key and bytes to read (None: everything); key None when not written."""
-        key = f"{IMAGE}/c/" + "/".join(map(str, coords))
-        if self.k == 0:
-            return key, None  # level 0 may be read before the index is written
-        length = int(self.image.index[coords + (self.k,)])
-        return (key, length + 2) if length else (None, None)
-
-    def _fetch(self, coords: tuple[int, ...]) -> bytes | memoryview | None:
-        key, length = self._request(coords)
+    def _fetch(self, i: int) -> bytes | memoryview | None:
+        key, length = self.plan.requests[i]
         data = None if key is None else self.image.reader.get(key, length)
-        return self._checked(coords, key, length, data)
+        return self._checked(self.plan.coords[i], key, length, data)
 
     def _checked(self, coords: tuple[int, ...], key: str | None, length: int | None,
                  data: bytes | None) -> bytes | memoryview | None:
@@ -436,21 +550,23 @@ class _LevelRead:
                 f"{len(data)} bytes); the prefix index is wrong or the chunk changed")
         return memoryview(data)[:prefix]
 
-    def _place(self, coords: tuple[int, ...], data: bytes | memoryview | None) -> None:
-        """Decode one chunk into its place in ``out`` (checksum first at level 0)."""
-        src, dst, whole = zip(*(t[c] for t, c in zip(self.axes, coords)))
+    def _place(self, i: int, data: bytes | memoryview | None) -> None:
+        """Decode chunk ``i`` of the plan into its place in ``out`` (checksum first at level 0)."""
+        coords = self.plan.coords[i]
+        src, dst, whole = self.plan.places[i]
         target = self.out[dst]
         if data is None:  # not written: fill value 0
-            if self.crcs is not None and self.zero_crc != int(self.crcs[coords]):
+            zero = np.zeros(self.info.chunks, self.info.stored_dtype)
+            if self.crcs is not None and chunk_crc(zero) != int(self.crcs[coords]):
                 self.image.require_image_array()
                 raise ChecksumError(f"{self.image.where}: chunk {coords} is missing, but its "
                                     "checksum says it held samples other than 0")
             target[...] = 0
             return
+        plane = self.plan.plane
         try:
-            if self.plane is not None and all(whole) and target.flags.c_contiguous:
-                imagecodecs.htj2k_decode(data, skipres=self.k or None,
-                                         out=target.reshape(self.plane))
+            if plane is not None and whole and target.flags.c_contiguous:
+                imagecodecs.htj2k_decode(data, skipres=self.k or None, out=target.reshape(plane))
                 decoded = target
             else:
                 decoded = imagecodecs.htj2k_decode(data, skipres=self.k or None

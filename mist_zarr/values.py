@@ -65,8 +65,9 @@ class ValueMapping:
         if target.kind in "iu" and np.dtype(a.dtype).kind in "iu" and not np.can_cast(
                 a.dtype, target, "safe"):  # (a safe cast cannot leave the range)
             info = np.iinfo(target)
-            if a.size and (a.min() < info.min or a.max() > info.max):
-                a = np.clip(a, info.min, info.max)
+            # one pass: clipped values fit the target, so the unsafe cast is exact
+            return np.clip(a, info.min, info.max, out=np.empty(a.shape, target),
+                           casting="unsafe")
         elif target == np.bool_:
             return a > 0
         return a.astype(target, copy=False)

@@ -233,3 +233,23 @@ def test_torch_dataloader(dataset):
                                               ds[i]["image"].astype(np.float32))
                 paths.append(path)
         assert paths == list(ds.catalog["path"])
+
+
+def test_an_image_rewritten_under_a_live_dataset_is_read_anew(tmp_path):
+    """A long-lived loader worker keeps opened images; after an image is converted again at
+    the same path, its items come from the new write, not from the kept index/checksums."""
+    import zarr
+
+    root = tmp_path / "root"
+    zarr.open_group(root, mode="w", zarr_format=3)
+    for name in ("a.zarr", "b.zarr"):
+        mist_zarr.write_image(root / name, np.full((3, 128, 128), 1, np.uint16))
+    catalog(root)
+    ds = MistDataset(root)
+    first = ds[0]
+    np.testing.assert_array_equal(first["image"], 1)
+    mist_zarr.write_image(root / first["path"], np.full((3, 128, 128), 5, np.uint16),
+                          overwrite=True)
+    np.testing.assert_array_equal(ds[0]["image"], 5)
+    np.testing.assert_array_equal(MistDataset(root, scale=1)[0]["image"],
+                                  mist_zarr.open(root / first["path"], scale=1).values)

@@ -255,3 +255,49 @@ def test_loader_items_in_modality_values(ct):
     item = ds[0]
     assert item["image"].dtype == np.float32 and item["rescale"]["intercept"] == -1024
     np.testing.assert_array_equal(item["image"], mist_zarr.open(ct, scale=2, rescale=True).values)
+
+
+def test_an_image_rewritten_at_the_same_path_is_read_anew(tmp_path):
+    """Opens share what they parse (info, index, checksums, chunk plans) per image write:
+    the key is zarr.json's digest, and every write records a fresh write id there."""
+    p = tmp_path / "p.zarr"
+    mist_zarr.write_image(p, np.full((4, 128, 128), 7, np.uint16))
+    first = open_direct(p)
+    assert open_direct(p)._parsed is first._parsed  # the second open reuses the first's parse
+    np.testing.assert_array_equal(first.read(0), 7)
+    assert mist_zarr.read_level([p], scale=1)[0].shape == (4, 64, 64)
+    mist_zarr.write_image(p, np.full((8, 128, 128), 9, np.uint16), overwrite=True)
+    again = open_direct(p)
+    assert again.info.write_id != first.info.write_id and again._parsed is not first._parsed
+    np.testing.assert_array_equal(again.read(0), np.full((8, 128, 128), 9))
+    np.testing.assert_array_equal(mist_zarr.read_level([p], scale=1)[0], virtual(p, 1))
+    assert mist_zarr.open(p, scale=1).shape == (8, 64, 64)
+
+
+def test_the_parse_cache_is_bounded(tmp_path, monkeypatch):
+    import mist_zarr.direct as direct
+
+    monkeypatch.setattr(direct, "_PARSED_MAX", 2)
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.zarr")
+        mist_zarr.write_image(paths[-1], np.full((2, 128, 128), i, np.uint8))
+    for i, values in enumerate(mist_zarr.read_level(paths, scale=1, threads=2)):
+        np.testing.assert_array_equal(values, i)
+        assert len(direct._PARSED) <= 2
+    monkeypatch.setattr(direct, "_PARSED_BYTES", 0)  # nothing fits: nothing is kept
+    open_direct(paths[0])
+    assert not direct._PARSED
+
+
+@given(st.lists(st.integers(-40000 // 2, 40000 // 2), min_size=1, max_size=50),
+       st.sampled_from(["uint8", "int8", "uint16"]))
+def test_decoding_to_a_narrower_dtype_clips_into_its_range(samples, dtype):
+    """Reduced levels overshoot at sharp edges; decoding clips (never wraps) to the range."""
+    from mist_zarr.values import ValueMapping
+
+    stored = np.array(samples, np.int32)
+    got = ValueMapping(dtype=dtype, stored_dtype="int32", kind="cast").decode(stored)
+    info = np.iinfo(dtype)
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got, np.clip(stored, info.min, info.max).astype(dtype))
