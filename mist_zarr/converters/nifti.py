@@ -189,7 +189,11 @@ def _read_nifti(path: str | Path, max_bytes: int | None) -> SourceImage:
     if space_unit not in ("mm", "unknown"):
         warnings.append(f"spatial unit is {space_unit!r}; spacing and affine are kept as stored")
     name = path.name.removesuffix(".gz").removesuffix(".nii")
-    return SourceImage(
+    labels = header.get_intent()[0] == "label"
+    if labels and dtype.kind not in "iub":
+        raise ConversionError(f"{path}: intent NIFTI_INTENT_LABEL with {dtype} voxels: a label "
+                              "map holds integers")
+    return SourceImage(labels=labels,
         data=data, dims=dims, spacing=spacing, affine=np.asarray(img.affine, float),
         source_format="nifti", name=safe_name(name), metadata=metadata, warnings=warnings,
         source_files=[str(path)],

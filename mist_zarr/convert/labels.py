@@ -1,0 +1,98 @@
+"""Converting label maps: recognise them, find their image in the dataset, store them beside it.
+
+A source is a label map when its format says so (NIfTI intent
+``NIFTI_INTENT_LABEL``) or the user says so (``labels=True`` for every
+non-DICOM integer source of the run, or a glob of file names). A name that
+suggests a mask (``seg``, ``label``, ``mask``) with few distinct integer
+values only earns a warning. The image is found by geometry: a complete
+image of the dataset with the same shape and affine up to axis flips, one in
+the mask's own folder first. The mask is flipped into that image's array
+orientation, so that their levels share one grid (``docs/format.md``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.storage import StorePath
+
+from ..converters.base import SourceImage
+from ..errors import ConversionError
+from ..labels import align_to, same_grid, write_labels
+from .listing import image_infos
+from .report import SeriesResult
+
+__all__ = ["mark_labels", "write_label_image"]
+
+_MASK_NAME = re.compile(r"(^|[^a-z])(seg|segmentation|label|labels|mask|masks)([^a-z]|$)", re.I)
+SUGGEST_MAX_VALUES = 256  # a suggestion needs at most this many distinct values
+
+
+def mark_labels(image: SourceImage, option: bool | str | None, path: str) -> None:
+    """Mark ``image`` as a label map if ``option`` asks for it; else maybe warn that it looks
+    like one."""
+    data = image.data
+    integer = np.dtype(getattr(data, "dtype", np.float64)).kind in "iub"
+    asked = option is True or (isinstance(option, str) and fnmatch.fnmatch(
+        os.path.basename(path), option))
+    if asked and image.source_format != "dicom":
+        if not integer:
+            raise ConversionError(f"{path}: marked as labels but holds {data.dtype} values: a "
+                                  "label map holds integers")
+        image.labels = True
+        return
+    if image.labels or not integer or not _MASK_NAME.search(os.path.basename(path)):
+        return
+    values = np.unique(np.asarray(data))
+    if len(values) <= SUGGEST_MAX_VALUES:
+        image.warnings.append(
+            f"looks like a label map ({len(values)} distinct integer values, named like a "
+            "mask) but is stored as an image, whose reduced levels mix labels; convert it "
+            "with labels=True (--labels) to store true labels at every level")
+
+
+def _find_image(root: zarr.Group, name: str, image: SourceImage) -> tuple[str, Any] | None:
+    """The dataset image on the mask's grid, preferring one in the mask's own folder."""
+    shape = np.asarray(image.data).shape if not hasattr(image.data, "shape") else image.data.shape
+    folder = str(PurePosixPath(name).parent)
+    found = [(path, info) for path, info in image_infos(root)
+             if info.complete and tuple(info.dims) == tuple(image.dims)
+             and same_grid(image.affine, shape, image.dims, info)]
+    found.sort(key=lambda pi: (not pi[0].startswith(folder + "/") if folder != "." else 0, pi[0]))
+    return found[0] if found else None
+
+
+def write_label_image(root: zarr.Group, name: str, image: SourceImage, metadata: dict[str, Any],
+                      overwrite: bool) -> SeriesResult:
+    """Store the label map ``image`` at ``name``, aligned with and linked to its image."""
+    data = np.asarray(image.data)
+    linked = _find_image(root, name, image)
+    affine, spacing, levels, target = image.affine, image.spacing, None, None
+    if linked is not None:
+        target, info = linked
+        data = align_to(data, image.affine, image.dims, info, where=name)
+        affine, spacing, levels = info.affine, info.spacing, info.levels
+    else:
+        image.warnings.append("no image of the dataset lies on this label map's grid: stored "
+                              "in its own geometry, not linked to an image")
+    dest = StorePath(root.store_path.store, f"{root.store_path.path}/{name}".strip("/"))
+    stored = write_labels(dest, data, dims=image.dims, spacing=spacing, affine=affine,
+                          image=target, levels=levels, segments=image.segments,
+                          source_format=image.source_format,
+                          metadata=metadata | {"warnings": list(image.warnings)} if image.warnings
+                          else metadata, overwrite=overwrite)
+    group = zarr.open_group(dest, mode="r")
+    out = sum(_stored_bytes(group[f"s{k}/labels"]) for k in range(stored.geometry.levels + 1))
+    bytes_in = sum(os.path.getsize(f) for f in image.source_files if os.path.exists(f))
+    return SeriesResult(name, image.source_format, stored.geometry.shape, data.dtype.name,
+                        bytes_in, out, len(image.source_files), warnings=list(image.warnings))
+
+
+def _stored_bytes(array: Any) -> int:
+    return int(array.nbytes_stored())
