@@ -1,0 +1,174 @@
+"""Label maps: true labels at every level, aligned with and linked to their image.
+
+On the shared TotalSegmentator CT (DICOM) and its label map (NIfTI, y-flipped
+against the DICOM array), converted together by the command line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import zarr
+
+import mist_zarr
+from mist_zarr.errors import ConversionError
+from mist_zarr.labels import align_to, label_level, open_labels, write_labels
+
+from .conftest import shared
+
+MASK = ("nifti", "example_seg_dicom.nii.gz")
+CT = ("ct", "TotalSegmentator-example-j2k")
+
+
+def _source_tree(root):
+    src = root / "src"
+    shutil.copytree(shared(*CT), src / "ct")
+    shutil.copy(shared(*MASK), src / "example_seg_dicom.nii.gz")
+    for dirpath, _, files in os.walk(src):  # the shared files are read-only
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+    return src
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("labels")
+    src = _source_tree(root)
+    dest = root / "ds"
+    run = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "convert", str(src), str(dest),
+                          "--labels", "*seg*", "--quiet"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {r["path"]: r for r in mist_zarr.list_images(dest)}
+    mask = next(p for p, r in rows.items() if r.get("kind") == "labels")
+    image = rows[mask]["image"]
+    return dest, image, mask, rows
+
+
+def _source_mask() -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(shared(*MASK))
+    return np.asarray(img.dataobj), img.affine
+
+
+def test_mask_is_linked_with_its_image_both_ways(converted):
+    dest, image, mask, rows = converted
+    assert rows[image]["modality"] == "CT" and rows[image]["source_format"] == "dicom"
+    assert rows[image]["label_maps"] == [mask]
+    data, _ = _source_mask()
+    assert rows[mask]["labels"] == [int(v) for v in np.unique(data) if v]
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_levels_hold_only_true_labels_on_the_image_grid(converted, k):
+    dest, image, mask, _ = converted
+    ct = mist_zarr.open(dest / image, scale=k)
+    labels = mist_zarr.open(dest / mask, scale=k)
+    assert labels.shape == ct.shape and labels.dims == ct.dims
+    np.testing.assert_array_equal(labels.attrs["affine"], ct.attrs["affine"])
+    for d in ct.dims:
+        np.testing.assert_array_equal(labels[d].values, ct[d].values)
+    data, affine = _source_mask()
+    values = labels.values
+    assert set(np.unique(values)) <= set(np.unique(data))
+    # every level-k voxel holds the source label at its own world position
+    z, y, x = np.meshgrid(*[np.arange(n) for n in values.shape], indexing="ij")
+    ijk = np.stack([x.ravel(), y.ravel(), z.ravel(), np.ones(x.size)])
+    src = np.linalg.inv(affine) @ (labels.attrs["affine"] @ ijk)
+    i, j, kk = np.rint(src[:3]).astype(int)
+    assert np.abs(src[:3] - np.rint(src[:3])).max() < 1e-3  # on the source's voxel grid
+    np.testing.assert_array_equal(values.ravel(), data[i, j, kk])
+
+
+def test_a_wavelet_pyramid_of_the_mask_would_invent_labels(converted):
+    """Why labels have their own rule: the HTJ2K level of the same mask holds non-labels."""
+    dest, image, mask, _ = converted
+    data, _ = _source_mask()
+    as_image = mist_zarr.write_image(dest.parent / "as_image.zarr",
+                                     np.ascontiguousarray(data.T), dims=("z", "y", "x"))
+    level1 = mist_zarr.open(dest.parent / "as_image.zarr", scale=1).values
+    invented = set(np.unique(level1)) - set(np.unique(data))
+    assert as_image.levels == 3 and len(invented) > 100
+    assert not set(np.unique(mist_zarr.open(dest / mask, scale=1).values)) - set(np.unique(data))
+
+
+def test_all_levels_are_smaller_than_the_nii_gz(converted):
+    dest, _, mask, rows = converted
+    assert rows[mask]["bytes"] < os.path.getsize(shared(*MASK)) / 2
+
+
+def test_a_level_read_fetches_only_that_level(converted, tmp_path):
+    dest, _, mask, _ = converted
+    copy = tmp_path / "mask"
+    shutil.copytree(dest / mask, copy)
+    expected = mist_zarr.open(copy, scale=2).values
+    for k in (0, 1, 3):  # the other levels' chunks are gone: level 2 still reads the same
+        shutil.rmtree(copy / f"s{k}" / "labels" / "c")
+    np.testing.assert_array_equal(mist_zarr.open(copy, scale=2).values, expected)
+    assert expected.any() and not mist_zarr.open(copy, scale=0).values.any()  # level 0 is gone
+
+
+def test_level_rule_is_the_even_sample_grid():
+    a = np.arange(2 * 5 * 7, dtype=np.uint16).reshape(2, 5, 7)
+    np.testing.assert_array_equal(label_level(a, ("z", "y", "x"), 1), a[:, ::2, ::2])
+    np.testing.assert_array_equal(label_level(a, ("z", "y", "x"), 2), a[:, ::4, ::4])
+
+
+def test_a_mask_on_another_grid_is_refused_with_the_reason(converted):
+    dest, image, _, _ = converted
+    _, info = mist_zarr.open_image(dest / image)
+    data, affine = _source_mask()
+    shifted = affine.copy()
+    shifted[0, 3] += 0.5  # half a voxel off: would need resampling
+    with pytest.raises(ConversionError, match="not on its image's grid"):
+        align_to(np.ascontiguousarray(data.T), shifted, ("z", "y", "x"), info, where="m")
+
+
+def test_a_float_mask_is_refused(tmp_path):
+    with pytest.raises(ConversionError, match="integers"):
+        write_labels(tmp_path / "m", np.full((2, 8, 8), 0.5), dims=("z", "y", "x"),
+                     spacing=(1, 1, 1))
+
+
+def test_a_label_group_is_plain_zarr_with_ngff_label_metadata(converted):
+    dest, image, mask, _ = converted
+    group = zarr.open_group(dest / mask, mode="r")
+    ome = group.attrs["ome"]
+    assert ome["image-label"]["source"]["image"] == image
+    paths = [d["path"] for d in ome["multiscales"][0]["datasets"]]
+    assert paths == [f"s{k}/labels" for k in range(4)]
+    for k, path in enumerate(paths):
+        assert group[path].shape == mist_zarr.open(dest / image, scale=k).shape
+    _, info = open_labels(dest / mask)
+    assert info.image == image and info.geometry.complete
+
+
+def test_a_mask_named_like_one_gets_a_suggestion(tmp_path):
+    data = np.asarray(nib.load(shared(*MASK)).dataobj)[:, :, :4]
+    path = tmp_path / "liver_mask.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    report = mist_zarr.convert(path, tmp_path / "ds")
+    assert report.ok
+    [row] = report.converted
+    assert any("looks like a label map" in w for w in row.warnings)
+    assert mist_zarr.list_images(tmp_path / "ds")[0].get("kind") is None  # stored as an image
+
+
+def test_nifti_intent_label_is_a_label_map_without_asking(tmp_path):
+    data = np.zeros((16, 12, 3), np.uint8)
+    data[2:9, 3:7, 1] = 4
+    img = nib.Nifti1Image(data, np.diag([0.5, 0.5, 2, 1]))
+    img.header.set_intent("label")
+    nib.save(img, tmp_path / "m.nii.gz")
+    report = mist_zarr.convert(tmp_path / "m.nii.gz", tmp_path / "ds")
+    assert report.ok
+    [row] = mist_zarr.list_images(tmp_path / "ds")
+    assert row["kind"] == "labels" and row["image"] is None
+    assert any("own geometry" in w for w in report.converted[0].warnings)
+    np.testing.assert_array_equal(mist_zarr.open(tmp_path / "ds" / "m").values, data.T)
+    assert gzip  # (the .nii.gz is written by nibabel)
