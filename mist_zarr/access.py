@@ -80,6 +80,10 @@ def open(
     source metadata and, with ``rescale``, the slope and intercept applied.
     """
     if chunks is not None:
+        labels = None if isinstance(source, MultiscaleStore) else _label_group(
+            source, storage_options)
+        if labels is not None:
+            return _open_labels(*labels, scale, size, below, chunks)
         return _open_zarr(source, scale, size, below, chunks, storage_options, rescale)
     try:
         image = open_direct(source, storage_options=storage_options)
@@ -113,7 +117,7 @@ def _label_group(source: Any, storage_options: Mapping[str, Any] | None
 
 
 def _open_labels(group: Any, labels: LabelInfo, scale: int | None, size: int | None,
-                 below: bool) -> xr.DataArray:
+                 below: bool, chunks: Any = None) -> xr.DataArray:
     """Level k of a label map: the same shape, coordinates and affine as its image's level k."""
     info = labels.geometry
     k = choose_level(info, scale=scale, size=size, below=below)
@@ -121,7 +125,13 @@ def _open_labels(group: Any, labels: LabelInfo, scale: int | None, size: int | N
     if tuple(array.shape) != info.level_shape(k):
         raise ValueError(f"{group.store_path}: label level {k} has shape {array.shape}, "
                          f"expected {info.level_shape(k)}")
-    variable = xr.Variable(info.dims, indexing.LazilyIndexedArray(_LabelArray(array)))
+    if chunks is None:
+        variable = xr.Variable(info.dims, indexing.LazilyIndexedArray(_LabelArray(array)))
+    else:  # dask: one task per stored chunk unless asked otherwise
+        import dask.array as da
+
+        variable = xr.Variable(info.dims, da.from_zarr(array, chunks=array.chunks if chunks in (
+            {}, "auto") else chunks))
     coords, indexes = _coords(info, k)
     out = xr.DataArray(variable, coords=coords, name=LABELS, indexes=indexes, fastpath=True)
     out.attrs = _attrs(info, k, None) | {"labels": {"image": labels.image,
