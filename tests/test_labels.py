@@ -172,3 +172,72 @@ def test_nifti_intent_label_is_a_label_map_without_asking(tmp_path):
     assert any("own geometry" in w for w in report.converted[0].warnings)
     np.testing.assert_array_equal(mist_zarr.open(tmp_path / "ds" / "m").values, data.T)
     assert gzip  # (the .nii.gz is written by nibabel)
+
+
+# -- DICOM SEG (highdicom's test SEGs over pydicom's small CT series) -------------------
+SEGS = ("seg_image_ct_binary.dcm", "seg_image_ct_binary_overlap.dcm")
+
+
+@pytest.fixture(scope="module")
+def seg_dataset(tmp_path_factory):
+    from pydicom.data import get_testdata_files
+
+    src = tmp_path_factory.mktemp("seg") / "src"
+    src.mkdir()
+    for f in get_testdata_files("dicomdirtests/77654033/CT2/*"):
+        shutil.copy(f, src)
+    for name in SEGS + ("seg_image_ct_true_fractional.dcm",):
+        shutil.copy(shared("seg", name), src)
+        os.chmod(src / name, 0o644)
+    dest = src.parent / "ds"
+    report = mist_zarr.convert(src, dest)
+    return dest, report, {r["path"]: r for r in mist_zarr.list_images(dest)}
+
+
+@pytest.mark.parametrize("name", SEGS)
+def test_seg_is_laid_onto_its_referenced_series(seg_dataset, name):
+    import highdicom as hd
+
+    dest, _, rows = seg_dataset
+    path = name.removesuffix(".dcm")
+    image = rows[path]["image"]
+    assert path in rows[image]["label_maps"]
+    ct, labels = mist_zarr.open(dest / image), mist_zarr.open(dest / path)
+    assert labels.shape[-3:] == ct.shape
+    np.testing.assert_array_equal(labels.attrs["affine"], ct.attrs["affine"])
+    seg = hd.seg.segread(shared("seg", name))
+    uids = [u[0] for u in mist_zarr.read_metadata(dest / image)["dicom_per_slice"]["SOPInstanceUID"]]
+    expected = seg.get_pixels_by_source_instance(uids, combine_segments=False)
+    values = labels.values
+    for i, n in enumerate(seg.segment_numbers):  # each segment where highdicom puts it
+        got = values == n if values.ndim == 3 else values[i] == n
+        np.testing.assert_array_equal(got, expected[..., i].astype(bool))
+    assert [s["value"] for s in labels.attrs["labels"]["segments"]] == list(seg.segment_numbers)
+
+
+def test_overlapping_segments_are_kept_one_channel_each(seg_dataset):
+    dest, report, rows = seg_dataset
+    row = rows["seg_image_ct_binary_overlap"]
+    assert row["shape"][0] == 2
+    [result] = [c for c in report.converted if c.path == "seg_image_ct_binary_overlap"]
+    assert any("overlap" in w for w in result.warnings)
+
+
+def test_fractional_seg_is_refused_with_the_reason(seg_dataset):
+    _, report, rows = seg_dataset
+    [problem] = [p for p in report.problems if "fractional" in p.source]
+    assert "fractional SEG" in problem.reason and "refused" in problem.reason
+    assert "seg_image_ct_true_fractional" not in rows
+
+
+def test_seg_without_its_series_is_stored_in_its_own_geometry(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(shared("seg", "seg_image_ct_binary.dcm"), src)
+    report = mist_zarr.convert(src, tmp_path / "ds")
+    assert report.ok
+    [result] = report.converted
+    assert any("not in the dataset" in w for w in result.warnings)
+    [row] = mist_zarr.list_images(tmp_path / "ds")
+    assert row["kind"] == "labels" and row["image"] is None
+    assert mist_zarr.open(tmp_path / "ds" / row["path"]).values.any()

@@ -68,9 +68,62 @@ def _find_image(root: zarr.Group, name: str, image: SourceImage) -> tuple[str, A
     return found[0] if found else None
 
 
+def _seg_image(root: zarr.Group, image: SourceImage) -> tuple[str, Any] | None:
+    """Lay a DICOM SEG onto its referenced series, if stored; else onto its own frames.
+
+    Fills ``image`` (data, dims, geometry, segments, warnings) and returns the linked
+    image's (path, info), or None.
+    """
+    from ..converters.dicom.seg import (read_seg, referenced_series, seg_on_instances,
+                                        seg_own_geometry, segment_records)
+    from ..reader import read_metadata
+
+    path = image.metadata.pop("seg_file")
+    seg = read_seg(path)
+    image.segments = segment_records(seg)
+    series = referenced_series(seg)
+    image.metadata["seg"] = {"referenced_series": series,
+                             "frame_of_reference": str(seg.get("FrameOfReferenceUID", "")),
+                             "series_uid": str(seg.SeriesInstanceUID)}
+    for target, info in image_infos(root):
+        if not info.complete or not series or info.metadata.get("series_uid") != series:
+            continue
+        meta = read_metadata(root[target])
+        uids = [u[0] if isinstance(u, list) else u
+                for u in meta.get("dicom_per_slice", {}).get("SOPInstanceUID", [])]
+        data, dims, notes = seg_on_instances(seg, uids, where=path)
+        if dims[0] == "segment" and info.dims[0] != "segment":
+            info = _with_segments(info, data.shape[0])
+        image.data, image.dims, image.affine = data, dims, info.affine
+        image.spacing = info.spacing if dims == info.dims else (1.0,) + tuple(info.spacing)
+        image.warnings += notes
+        return target, info
+    data, dims, affine, spacing, notes = seg_own_geometry(seg, where=path)
+    image.data, image.dims, image.affine, image.spacing = data, dims, affine, spacing
+    image.warnings += notes + [f"referenced series {series} is not in the dataset: stored in "
+                               "the SEG's own geometry, not linked to an image"]
+    return None
+
+
+def _with_segments(info: Any, n: int) -> Any:
+    from dataclasses import replace
+
+    return replace(info, dims=("segment",) + tuple(info.dims), shape=(n,) + tuple(info.shape),
+                   spacing=(1.0,) + tuple(info.spacing))
+
+
 def write_label_image(root: zarr.Group, name: str, image: SourceImage, metadata: dict[str, Any],
                       overwrite: bool) -> SeriesResult:
     """Store the label map ``image`` at ``name``, aligned with and linked to its image."""
+    if "seg_file" in image.metadata:  # a DICOM SEG: placed by the instances it references
+        linked = _seg_image(root, image)
+        metadata = metadata | {"seg": image.metadata["seg"]}
+        metadata.pop("seg_file", None)
+        data = np.asarray(image.data)
+        target = linked[0] if linked else None
+        levels = linked[1].levels if linked else None
+        return _store(root, name, image, data, image.affine, image.spacing, levels, target,
+                      metadata, overwrite)
     data = np.asarray(image.data)
     linked = _find_image(root, name, image)
     affine, spacing, levels, target = image.affine, image.spacing, None, None
@@ -81,6 +134,12 @@ def write_label_image(root: zarr.Group, name: str, image: SourceImage, metadata:
     else:
         image.warnings.append("no image of the dataset lies on this label map's grid: stored "
                               "in its own geometry, not linked to an image")
+    return _store(root, name, image, data, affine, spacing, levels, target, metadata, overwrite)
+
+
+def _store(root: zarr.Group, name: str, image: SourceImage, data: np.ndarray, affine: Any,
+           spacing: Any, levels: int | None, target: str | None, metadata: dict[str, Any],
+           overwrite: bool) -> SeriesResult:
     dest = StorePath(root.store_path.store, f"{root.store_path.path}/{name}".strip("/"))
     stored = write_labels(dest, data, dims=image.dims, spacing=spacing, affine=affine,
                           image=target, levels=levels, segments=image.segments,
