@@ -29,7 +29,8 @@ from .storage import open_source_store
 from .store import ome_multiscales
 from .values import ValueMapping
 
-__all__ = ["LABELS", "LABELS_FORMAT", "LabelInfo", "align_to", "is_label_group", "label_level",
+__all__ = ["LABELS", "LABELS_FORMAT", "LabelInfo", "align_to", "false_colour", "is_label_group",
+           "label_level",
            "open_labels", "read_label_level", "write_labels"]
 
 LABELS_FORMAT = "mist-zarr-labels"  # attributes.mist.format of a label group
@@ -224,6 +225,22 @@ def write_labels(
         attrs["ome"] = ome
     group.attrs.update(attrs)
     return info
+
+
+def false_colour(values: np.ndarray) -> np.ndarray:
+    """RGB uint8 of a label level (trailing axis of 3): 0 black, each label its own colour.
+
+    The colour of label ``v`` depends on ``v`` only (a golden-angle hue walk), so
+    a label has the same colour in every slice, level and mask.
+    """
+    import colorsys
+
+    values = np.asarray(values)
+    found, inverse = np.unique(values, return_inverse=True)
+    palette = np.array([(0.0, 0.0, 0.0) if v == 0 else
+                        colorsys.hsv_to_rgb((int(v) * 0.618033988749895) % 1.0, 0.75, 1.0)
+                        for v in found]).reshape(-1, 3)
+    return np.rint(palette[inverse.reshape(values.shape)] * 255).astype(np.uint8)
 
 
 def open_labels(source: Any) -> tuple[zarr.Group, LabelInfo]:

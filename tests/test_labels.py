@@ -241,3 +241,35 @@ def test_seg_without_its_series_is_stored_in_its_own_geometry(tmp_path):
     [row] = mist_zarr.list_images(tmp_path / "ds")
     assert row["kind"] == "labels" and row["image"] is None
     assert mist_zarr.open(tmp_path / "ds" / row["path"]).values.any()
+
+
+# -- export -----------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [0, 2])
+def test_mask_exports_to_nifti_with_exact_labels_and_the_image_affine(converted, tmp_path, k):
+    dest, image, mask, _ = converted
+    result = mist_zarr.export(dest / mask, tmp_path / "m.nii.gz", format="nifti", scale=k)
+    img = nib.load(result.files[0])
+    assert img.header.get_intent()[0] == "label"
+    np.testing.assert_allclose(img.affine, mist_zarr.open(dest / image, scale=k).attrs["affine"])
+    stored = mist_zarr.open(dest / mask, scale=k).values
+    np.testing.assert_array_equal(np.asarray(img.dataobj).T, stored)
+    assert np.asarray(img.dataobj).dtype == stored.dtype
+
+
+def test_mask_exports_to_png_index_and_false_colour(converted, tmp_path):
+    from PIL import Image
+
+    dest, _, mask, _ = converted
+    stored = mist_zarr.open(dest / mask, scale=1).values
+    index = mist_zarr.export(dest / mask, tmp_path / "i", format="png", scale=1)
+    colour = mist_zarr.export(dest / mask, tmp_path / "c", format="png", scale=1, colour=True)
+    assert len(index.files) == len(colour.files) == stored.shape[0]
+    seen: dict[int, tuple[int, ...]] = {}
+    for z, (fi, fc) in enumerate(zip(index.files, colour.files)):
+        np.testing.assert_array_equal(np.asarray(Image.open(fi)), stored[z])
+        rgb = np.asarray(Image.open(fc))
+        for v in np.unique(stored[z]):  # one colour per label, the same in every slice
+            colours = {tuple(c) for c in rgb[stored[z] == v]}
+            assert len(colours) == 1
+            assert seen.setdefault(int(v), colours.pop()) == seen[int(v)]
+    assert seen[0] == (0, 0, 0) and len(set(seen.values())) == len(seen)

@@ -201,7 +201,7 @@ def _read_nifti(path: str | Path, max_bytes: int | None) -> SourceImage:
 
 
 # -- export ------------------------------------------------------------------------
-def export(image: StoredImage, out: Path) -> ExportResult:
+def export(image: StoredImage, out: Path, *, intent: str | None = None) -> ExportResult:
     """Write the level as one NIfTI file (``.nii.gz`` unless ``out`` ends in ``.nii``).
 
     A NIfTI-sourced image gets its own header back (pixdim and s/qform scaled
@@ -235,6 +235,8 @@ def export(image: StoredImage, out: Path) -> ExportResult:
         rescale = dicom_rescale(info)
         if rescale is not None:
             img.header.set_slope_inter(*rescale)
+    if intent is not None:  # a label map: NIFTI_INTENT_LABEL
+        img.header.set_intent(intent)
     name = out if out.suffix in (".nii", ".gz") else out.with_name(out.name + ".nii.gz")
     name.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, name)
