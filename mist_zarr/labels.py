@@ -253,6 +253,25 @@ def open_labels(source: Any) -> tuple[zarr.Group, LabelInfo]:
     return group, info
 
 
+def find_label_maps(root: Any, storage_options: Mapping[str, Any] | None = None
+                    ) -> dict[str, list[str]]:
+    """``{image path: [label map paths]}`` for the linked label maps under a dataset root
+    (walks the groups: a local or listable store)."""
+    import warnings
+
+    group = zarr.open_group(open_source_store(root, storage_options), mode="r", zarr_format=3)
+    out: dict[str, list[str]] = {}
+    with warnings.catch_warnings():  # bookkeeping folders (.mist-done ...) are not zarr nodes
+        warnings.simplefilter("ignore")
+        members = list(group.members(max_depth=None))
+    for path, node in members:
+        if isinstance(node, zarr.Group) and is_label_group(node.attrs):
+            image = node.attrs[ATTR].get(LABELS, {}).get("image")
+            if image:
+                out.setdefault(image, []).append(path)
+    return {k: sorted(v) for k, v in out.items()}
+
+
 def read_label_level(group: zarr.Group, k: int, region: Sequence[slice] | None = None
                      ) -> np.ndarray:
     """Level ``k`` of a label group (or ``region`` of it): one array, only that level's chunks."""

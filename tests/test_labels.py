@@ -273,3 +273,19 @@ def test_mask_exports_to_png_index_and_false_colour(converted, tmp_path):
             assert len(colours) == 1
             assert seen.setdefault(int(v), colours.pop()) == seen[int(v)]
     assert seen[0] == (0, 0, 0) and len(set(seen.values())) == len(seen)
+
+
+# -- loader ------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", [{"scale": 2}, {"size": 200}, {}])
+def test_dataset_yields_image_mask_pairs_at_the_chosen_level(converted, how):
+    import pickle
+
+    dest, image, mask, _ = converted
+    ds = pickle.loads(pickle.dumps(mist_zarr.MistDataset(dest, labels=True, **how)))
+    assert len(ds) == 1
+    item = ds[0]
+    k = {"scale": 2, "size": 1}.get(next(iter(how), None), 0)
+    assert item["level"] == k and item["path"] == image and item["mask_path"] == mask
+    assert item["mask"].shape == item["image"].shape
+    np.testing.assert_array_equal(item["mask"], mist_zarr.open(dest / mask, scale=k).values)
+    assert len(mist_zarr.MistDataset(dest)) == 1  # without labels: the image alone
