@@ -289,3 +289,61 @@ def test_dataset_yields_image_mask_pairs_at_the_chosen_level(converted, how):
     assert item["mask"].shape == item["image"].shape
     np.testing.assert_array_equal(item["mask"], mist_zarr.open(dest / mask, scale=k).values)
     assert len(mist_zarr.MistDataset(dest)) == 1  # without labels: the image alone
+
+
+def test_seg_built_from_the_real_ct_and_mask_matches_the_mask_at_every_level(converted,
+                                                                             tmp_path):
+    """A highdicom SEG of the TotalSegmentator mask over its real CT, converted beside it."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    dest, _, mask, _ = converted
+    src = tmp_path / "src"
+    shutil.copytree(shared(*CT), src / "ct")
+    # the example CT is anonymised down to empty Series/SOPInstanceUIDs: give the copies some
+    series = generate_uid()
+    for f in (src / "ct").iterdir():
+        os.chmod(f, 0o644)
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series, generate_uid()
+        ds.SOPClassUID = ds.SOPClassUID or "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+        ds.StudyInstanceUID = ds.StudyInstanceUID or "1.2.826.0.1.3680043.8.498.1"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(f)
+    out = tmp_path / "ds"
+    assert mist_zarr.convert(src, out).ok
+    [ct_row] = mist_zarr.list_images(out)
+    uids = [u[0] for u in mist_zarr.read_metadata(out / ct_row["path"])["dicom_per_slice"]
+            ["SOPInstanceUID"]]
+    by_uid = {str(d.SOPInstanceUID): d for d in
+              (pydicom.dcmread(f, stop_before_pixels=True) for f in (src / "ct").iterdir())}
+    labels = mist_zarr.open(dest / mask).values  # level 0, in the CT's slice order
+    values = [int(v) for v in np.unique(labels) if v]
+    relabelled = np.searchsorted([0] + values, labels).astype(np.uint8)  # segments 1..n
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="TotalSegmentator", version="example", family=hd.sr.CodedConcept(
+            "123109", "DCM", "Manual Processing"))
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=i + 1, segment_label=f"label {v}",
+        segmented_property_category=hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure"),
+        segmented_property_type=hd.sr.CodedConcept("85756007", "SCT", "Tissue"),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm) for i, v in enumerate(values)]
+    seg = hd.seg.Segmentation(
+        source_images=[by_uid[u] for u in uids], pixel_array=relabelled,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=generate_uid(), series_number=9,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="mist-zarr tests",
+        manufacturer_model_name="test", software_versions="1", device_serial_number="1")
+    seg.save_as(src / "totalseg_seg.dcm")
+    report = mist_zarr.convert(src, out, skip_existing=True)
+    assert report.ok, report.problems
+    rows = {r["path"]: r for r in mist_zarr.list_images(out)}
+    assert rows["totalseg_seg"]["image"] == ct_row["path"]
+    for k in range(4):
+        got = mist_zarr.open(out / "totalseg_seg", scale=k)
+        image = mist_zarr.open(out / ct_row["path"], scale=k)
+        assert got.shape == image.shape
+        np.testing.assert_array_equal(got.attrs["affine"], image.attrs["affine"])
+        np.testing.assert_array_equal(got.values, label_level(relabelled, "zyx", k))
