@@ -347,3 +347,86 @@ def test_seg_built_from_the_real_ct_and_mask_matches_the_mask_at_every_level(con
         assert got.shape == image.shape
         np.testing.assert_array_equal(got.attrs["affine"], image.attrs["affine"])
         np.testing.assert_array_equal(got.values, label_level(relabelled, "zyx", k))
+
+
+# -- RTSTRUCT (rt-utils builds one from the real CT and mask) -----------------------------
+def _uid_ct(root):
+    """A copy of the example CT with the UIDs its anonymisation removed."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    src = root / "ct"
+    shutil.copytree(shared(*CT), src)
+    series, frame = generate_uid(), generate_uid()
+    for f in src.iterdir():
+        os.chmod(f, 0o644)
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series, generate_uid()
+        ds.SOPClassUID = ds.SOPClassUID or "1.2.840.10008.5.1.4.1.1.2"
+        ds.StudyInstanceUID = ds.StudyInstanceUID or generate_uid()
+        ds.FrameOfReferenceUID = frame
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(f)
+    return src
+
+
+@pytest.fixture(scope="module")
+def rtstruct_case(converted, tmp_path_factory):
+    from rt_utils import RTStructBuilder
+
+    dest, _, mask, _ = converted
+    root = tmp_path_factory.mktemp("rt")
+    src = root / "src"
+    ct = _uid_ct(src)
+    out = root / "ds"
+    assert mist_zarr.convert(src, out).ok
+    [ct_row] = mist_zarr.list_images(out)
+    labels = mist_zarr.open(dest / mask).values  # (z, y, x) in the stored CT's slice order
+    rt = RTStructBuilder.create_new(dicom_series_path=str(ct))
+    stored = [u[0] for u in mist_zarr.read_metadata(out / ct_row["path"])["dicom_per_slice"]
+              ["SOPInstanceUID"]]
+    order = [stored.index(str(d.SOPInstanceUID)) for d in rt.series_data]  # rt-utils' order
+    rois = {"liver": 5, "spleen": 1}
+    for name, value in rois.items():
+        rt.add_roi(mask=np.moveaxis(labels[order] == value, 0, -1), name=name)
+    rt.save(str(src / "structures.dcm"))
+    report = mist_zarr.convert(src, out, skip_existing=True)
+    return out, ct_row["path"], report, labels, rois, src
+
+
+def test_rtstruct_is_rasterised_onto_its_image(rtstruct_case):
+    out, image, report, labels, rois, _ = rtstruct_case
+    assert report.ok, report.problems
+    rows = {r["path"]: r for r in mist_zarr.list_images(out)}
+    assert rows["structures"]["image"] == image and rows[image]["label_maps"] == ["structures"]
+    got = mist_zarr.open(out / "structures")
+    ct = mist_zarr.open(out / image)
+    np.testing.assert_array_equal(got.attrs["affine"], ct.attrs["affine"])
+    names = {s["name"]: s["value"] for s in got.attrs["labels"]["segments"]}
+    values = got.values
+    for name, label in rois.items():
+        ours, truth = values == names[name], labels == label
+        dice = 2 * (ours & truth).sum() / (ours.sum() + truth.sum())
+        # pixel centres strictly inside rt-utils' boundary-pixel polygons: the contour
+        # pixels themselves may go either way, nothing outside the mask comes in
+        assert dice > 0.95, (name, dice)
+        assert (ours & ~truth).sum() <= 0.01 * truth.sum()
+    assert mist_zarr.open(out / "structures", scale=2).shape == ct.sel().shape[:1] + (128, 128)
+
+
+def test_rtstruct_contours_outside_the_image_are_refused(rtstruct_case, tmp_path):
+    import pydicom
+
+    out, _, _, _, _, src = rtstruct_case
+    ds = pydicom.dcmread(src / "structures.dcm")
+    contour = ds.ROIContourSequence[0].ContourSequence[0]
+    points = np.asarray(contour.ContourData, float).reshape(-1, 3)
+    points[:, 0] += 1000.0  # a metre to the side
+    contour.ContourData = [float(v) for v in points.ravel()]
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    bad = tmp_path / "bad"
+    shutil.copytree(src / "ct", bad / "ct")
+    ds.save_as(bad / "outside.dcm")
+    report = mist_zarr.convert(bad, tmp_path / "ds")
+    [problem] = report.problems
+    assert "outside the image" in problem.reason and "refused" in problem.reason

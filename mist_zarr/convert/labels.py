@@ -105,6 +105,30 @@ def _seg_image(root: zarr.Group, image: SourceImage) -> tuple[str, Any] | None:
     return None
 
 
+def _rtstruct_image(root: zarr.Group, image: SourceImage) -> tuple[str, Any]:
+    """Rasterise an RTSTRUCT onto the dataset image of its frame of reference (refused when
+    there is none: contours have no grid of their own)."""
+    from ..converters.dicom.rtstruct import rasterise, read_rtstruct
+
+    path = image.metadata.pop("rtstruct_file")
+    frame, rois = read_rtstruct(path)
+    image.segments = [{"value": r["value"], "name": r["name"]} for r in rois]
+    image.metadata["rtstruct"] = {"frame_of_reference": frame}
+    for target, info in image_infos(root):
+        dicom = info.metadata.get("dicom", {}) if isinstance(info.metadata, dict) else {}
+        uid = (dicom.get("00200052", {}).get("Value") or [""])[0]
+        if not info.complete or not frame or uid != frame or tuple(info.dims) != ("z", "y", "x"):
+            continue
+        data, dims, notes = rasterise(rois, info.affine, info.shape, where=path)
+        image.data, image.dims, image.affine = data, dims, info.affine
+        image.spacing = info.spacing if dims == info.dims else (1.0,) + tuple(info.spacing)
+        image.warnings += notes
+        return target, info
+    raise ConversionError(f"{path}: no image of the dataset has the structure set's frame of "
+                          f"reference {frame}: contours cannot be rasterised without a grid "
+                          "(convert the referenced series with it)")
+
+
 def _with_segments(info: Any, n: int) -> Any:
     from dataclasses import replace
 
@@ -115,10 +139,12 @@ def _with_segments(info: Any, n: int) -> Any:
 def write_label_image(root: zarr.Group, name: str, image: SourceImage, metadata: dict[str, Any],
                       overwrite: bool) -> SeriesResult:
     """Store the label map ``image`` at ``name``, aligned with and linked to its image."""
-    if "seg_file" in image.metadata:  # a DICOM SEG: placed by the instances it references
-        linked = _seg_image(root, image)
-        metadata = metadata | {"seg": image.metadata["seg"]}
-        metadata.pop("seg_file", None)
+    if "seg_file" in image.metadata or "rtstruct_file" in image.metadata:
+        kind = "seg" if "seg_file" in image.metadata else "rtstruct"
+        # a SEG is placed by the instances it references, an RTSTRUCT by its frame of reference
+        linked = _seg_image(root, image) if kind == "seg" else _rtstruct_image(root, image)
+        metadata = metadata | {kind: image.metadata[kind]}
+        metadata.pop(f"{kind}_file", None)
         data = np.asarray(image.data)
         target = linked[0] if linked else None
         levels = linked[1].levels if linked else None

@@ -21,6 +21,7 @@ from ..errors import SourceIssue
 from . import detect, read_file, suffixes
 from .base import DEFAULT_MAX_BYTES, SourceImage, safe_name
 from .dicom import SeriesRef, read_dicom_series, scan_dicom
+from .dicom.rtstruct import is_rtstruct
 from .dicom.seg import is_seg
 
 __all__ = ["Unit", "iter_sources", "label", "plan", "read_unit_images"]
@@ -105,14 +106,16 @@ def plan(src: SourceArg, *, exclude: Path | None = None) -> tuple[list[Unit], li
         scan = scan_dicom(dicom_files)
         issues += [SourceIssue(i.source, i.reason, kind="failed", key=str(Path(i.source).resolve()))
                    for i in scan.rejected]
-        segs = {i.source for i in scan.skipped if is_seg(i.source)}
+        kinds = {i.source: "seg" if is_seg(i.source) else "rtstruct" for i in scan.skipped
+                 if is_seg(i.source) or is_rtstruct(i.source)}
+        segs = set(kinds)
         issues += [SourceIssue(i.source, i.reason, kind="skipped", key=str(Path(i.source).resolve()))
                    for i in scan.skipped if i.source not in segs]
         for source in sorted(segs):  # a DICOM SEG is a label map, stored beside its image
             path = Path(source)
             base = bases.get(path, path.parent)
             rel = path.relative_to(base) if base.is_dir() else Path(path.name)
-            units.append(Unit("seg", str(path.resolve()), [source],
+            units.append(Unit(kinds[source], str(path.resolve()), [source],
                               name=_unique(_file_stem(rel), taken, str(path.resolve()))))
         units += [Unit("dicom", ref.key or ref.uid, list(ref.files), ref=ref) for ref in scan.series]
     return units, issues
@@ -124,11 +127,11 @@ def read_unit_images(unit: Unit, max_bytes: int,
 
     With ``batch_bytes``, large DICOM stacks come back as LazyPlanes (read
     in slice batches while they are written)."""
-    if unit.kind == "seg":  # laid onto its image at write time (convert.labels)
+    if unit.kind in ("seg", "rtstruct"):  # laid onto its image at write time (convert.labels)
         return [SourceImage(data=None, dims=("z", "y", "x"), spacing=(1.0, 1.0, 1.0),
                             affine=np.eye(4), source_format="dicom", name=unit.name,
                             source_files=list(unit.files), labels=True,
-                            metadata={"seg_file": unit.files[0]})]
+                            metadata={f"{unit.kind}_file": unit.files[0]})]
     if unit.kind != "dicom":
         image = read_file(Path(unit.files[0]), unit.kind, max_bytes=max_bytes)
         image.name = unit.name
