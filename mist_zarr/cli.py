@@ -190,6 +190,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # One declaration per verb, in the order `--help` lists them: long, but a
+    # flat list reads as the reference it is (docs/cli.md is generated from it).
     parser = argparse.ArgumentParser(
         prog="mist-zarr",
         description="Store medical images once, losslessly (HTJ2K in Zarr v3); read any resolution.",

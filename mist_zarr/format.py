@@ -40,9 +40,6 @@ ATTR = "mist"
 IMAGE = "image"
 INDEX = "index"
 CHECKSUM = "checksum"
-# Bookkeeping folders of a dataset root (part of the on-disk dataset format):
-TMP_DIR = ".mist-tmp"  # images being written; renamed into place when complete
-DONE_DIR = ".mist-done"  # one completion marker per converted source unit, written last
 # Per-slice source metadata (per-frame DICOM attributes) can be megabytes; it
 # lives zstd-compressed in this uint8 array rather than in zarr.json, which
 # every open reads. ``metadata[SLICE_METADATA]`` names the keys moved there.

@@ -11,6 +11,7 @@ import zarr
 from .direct import image_info, open_direct
 from .errors import ChecksumError
 from .format import ATTR, CHECKSUM, INDEX, SLICE_METADATA, ImageInfo
+from .storage import open_group
 
 __all__ = ["ChecksumError", "open_image", "read_checksums", "read_image", "read_index",
            "read_metadata"]
@@ -24,10 +25,7 @@ def open_image(
     Raises :class:`IncompleteImageError` if the write that made it never
     finished, unless ``allow_incomplete``.
     """
-    group = zarr.open_group(
-        source, mode="r", zarr_format=3,
-        storage_options=dict(storage_options) if storage_options else None,
-    )
+    group = open_group(source, storage_options=storage_options)
     return group, image_info(group.attrs.get(ATTR), str(source), allow_incomplete)
 
 

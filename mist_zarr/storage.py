@@ -22,6 +22,7 @@ from typing import Any
 from zarr.abc.store import Store, _store_supports_sync_io
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+import zarr
 from zarr.storage import FsspecStore, LocalStore, StorePath
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "join_location",
     "local_dir",
     "location",
+    "open_group",
     "open_source_store",
     "replace_bytes",
     "resolve",
@@ -80,6 +82,16 @@ def resolve(source: Any, storage_options: Mapping[str, Any] | None = None, *,
     if hasattr(source, "store_path"):  # a zarr.Group or Array
         return source.store_path.store, source.store_path.path
     return open_source_store(source, storage_options, read_only=read_only), ""
+
+
+def open_group(source: Any, *, mode: str = "r",
+               storage_options: Mapping[str, Any] | None = None, **kwargs: Any) -> zarr.Group:
+    """``zarr.open_group`` on the node :func:`resolve` finds for ``source`` (Zarr v3).
+
+    ``mode`` is zarr's; every mode but ``"r"`` opens the store writable.
+    """
+    store, prefix = resolve(source, storage_options, read_only=mode == "r")
+    return zarr.open_group(StorePath(store, prefix), mode=mode, zarr_format=3, **kwargs)
 
 
 def location(source: Any) -> str:

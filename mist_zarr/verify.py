@@ -30,7 +30,7 @@ import zarr
 from .codestream import CodestreamError, is_boundary, parse_codestream, prefix_lengths
 from .errors import SourceIssue
 from .format import ATTR, CHECKSUM, DONE_DIR, IMAGE, INDEX, TMP_DIR, ImageInfo, chunk_crc
-from .storage import get_bytes
+from .storage import get_bytes, open_group
 
 __all__ = ["VerifyReport", "verify", "verify_image"]
 
@@ -76,7 +76,7 @@ class VerifyReport:
 def _open(path: Any) -> tuple[zarr.Group | None, ImageInfo | None, list[SourceIssue]]:
     name = str(path)
     try:
-        group = zarr.open_group(path, mode="r", zarr_format=3)
+        group = open_group(path)
     except Exception as exc:
         return None, None, [_damaged(name, "zarr.json", f"unreadable group metadata: {exc}")]
     try:

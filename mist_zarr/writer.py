@@ -39,7 +39,7 @@ from .layout import (
     plane_axes,
     tile_shape,
 )
-from .storage import supports_sync_io
+from .storage import open_group, supports_sync_io
 from .values import choose_mapping
 
 __all__ = ["write_image"]
@@ -163,11 +163,8 @@ def write_image(
     chunk_dims = tuple(f"{d}_chunk" for d in dims)
 
     def create() -> tuple[zarr.Group, zarr.Array]:
-        group = zarr.open_group(
-            dest, mode="w" if overwrite else "w-", zarr_format=3,
-            storage_options=dict(storage_options) if storage_options else None,
-            attributes={ATTR: info.to_json()},
-        )
+        group = open_group(dest, mode="w" if overwrite else "w-",
+                           storage_options=storage_options, attributes={ATTR: info.to_json()})
         image = group.create_array(
             IMAGE, shape=shape, dtype=mapping.stored_dtype, chunks=chunks,
             serializer=Htj2k.from_dict(codec_config(n)), compressors=None, fill_value=0,

@@ -10,7 +10,7 @@ import zarr
 
 from ..format import ATTR, ImageInfo
 from ..labels import LABELS, LabelInfo, is_label_group
-from ..store import forget_listings
+from ..storage import forget_listings, open_group
 
 __all__ = ["list_images"]
 
@@ -50,7 +50,7 @@ def _label_row(path: str, node: zarr.Group) -> dict[str, Any] | None:
 
 def list_images(dest: Any, *, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per mist-zarr image under the dataset root ``dest`` (sorted by path)."""
-    root = zarr.open_group(dest, mode="r", zarr_format=3, storage_options=storage_options)
+    root = open_group(dest, storage_options=storage_options)
     forget_listings(root.store_path.store)  # see what other processes wrote since a listing
     rows = []
     with warnings.catch_warnings():

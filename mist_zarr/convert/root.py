@@ -8,6 +8,8 @@ from typing import Any
 import zarr
 from zarr.errors import ContainsGroupError
 
+from ..storage import open_group
+
 __all__ = ["open_root"]
 
 
@@ -15,7 +17,7 @@ def open_root(dest: Any, storage_options: dict[str, Any] | None) -> zarr.Group:
     """The dataset root, created if missing; two conversions may create it at once."""
     for attempt in range(5):
         try:
-            return zarr.open_group(dest, mode="a", zarr_format=3, storage_options=storage_options)
+            return open_group(dest, mode="a", storage_options=storage_options)
         except ContainsGroupError:  # created by another process between look and create
             if attempt == 4:
                 raise
