@@ -21,8 +21,8 @@ from ..errors import SourceIssue
 from . import detect, read_file, suffixes
 from .base import DEFAULT_MAX_BYTES, SourceImage, safe_name
 from .dicom import SeriesRef, read_dicom_series, scan_dicom
-from .dicom.rtstruct import is_rtstruct
-from .dicom.seg import is_seg
+from .dicom.rtstruct import RTSTRUCT_SOP_CLASS
+from .dicom.seg import SEG_SOP_CLASS, sop_class
 
 __all__ = ["Unit", "iter_sources", "label", "plan", "read_unit_images"]
 
@@ -106,8 +106,9 @@ def plan(src: SourceArg, *, exclude: Path | None = None) -> tuple[list[Unit], li
         scan = scan_dicom(dicom_files)
         issues += [SourceIssue(i.source, i.reason, kind="failed", key=str(Path(i.source).resolve()))
                    for i in scan.rejected]
-        kinds = {i.source: "seg" if is_seg(i.source) else "rtstruct" for i in scan.skipped
-                 if is_seg(i.source) or is_rtstruct(i.source)}
+        label_classes = {SEG_SOP_CLASS: "seg", RTSTRUCT_SOP_CLASS: "rtstruct"}
+        kinds = {i.source: label_classes[c] for i in scan.skipped
+                 if (c := sop_class(i.source)) in label_classes}
         segs = set(kinds)
         issues += [SourceIssue(i.source, i.reason, kind="skipped", key=str(Path(i.source).resolve()))
                    for i in scan.skipped if i.source not in segs]

@@ -19,6 +19,7 @@ import numpy as np
 
 from ...errors import ConversionError
 from ..base import missing_dependency
+from .seg import sop_class
 
 __all__ = ["RTSTRUCT_SOP_CLASS", "is_rtstruct", "rasterise", "read_rtstruct"]
 
@@ -28,13 +29,8 @@ EDGE_TOLERANCE = 0.5  # pixels beyond the outermost centres
 
 
 def is_rtstruct(path: str) -> bool:
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-    except Exception:
-        return False
-    return str(ds.get("SOPClassUID", "")) == RTSTRUCT_SOP_CLASS
+    """True if the DICOM file at ``path`` is an RT Structure Set (header only)."""
+    return sop_class(path) == RTSTRUCT_SOP_CLASS
 
 
 def read_rtstruct(path: str) -> tuple[str, list[dict[str, Any]]]:

@@ -19,20 +19,25 @@ import numpy as np
 from ...errors import ConversionError
 from ..base import missing_dependency
 
-__all__ = ["SEG_SOP_CLASS", "is_seg", "read_seg", "seg_on_instances"]
+__all__ = ["SEG_SOP_CLASS", "is_seg", "sop_class", "read_seg", "seg_on_instances"]
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
-def is_seg(path: str) -> bool:
-    """True if the DICOM file at ``path`` is a Segmentation object (header only)."""
+def sop_class(path: str) -> str:
+    """The SOPClassUID of the DICOM file at ``path`` ("" if unreadable; header only)."""
     import pydicom
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
     except Exception:
-        return False
-    return str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS
+        return ""
+    return str(ds.get("SOPClassUID", ""))
+
+
+def is_seg(path: str) -> bool:
+    """True if the DICOM file at ``path`` is a Segmentation object (header only)."""
+    return sop_class(path) == SEG_SOP_CLASS
 
 
 def _highdicom() -> Any:
