@@ -8,12 +8,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import xarray as xr
+import zarr
 from xarray.backends import BackendArray
 from xarray.core import indexing
 from xarray.core.indexes import PandasIndex
 
 from .direct import OpenedImage, open_direct
 from .format import IMAGE, ImageInfo
+from .labels import LABELS, LabelInfo, is_label_group, open_labels
+from .storage import open_source_store
 from .modality import Rescale, find_rescale, rescaled_dtype
 from .store import MultiscaleStore
 
@@ -77,8 +80,18 @@ def open(
     source metadata and, with ``rescale``, the slope and intercept applied.
     """
     if chunks is not None:
+        labels = None if isinstance(source, MultiscaleStore) else _label_group(
+            source, storage_options)
+        if labels is not None:
+            return _open_labels(*labels, scale, size, below, chunks)
         return _open_zarr(source, scale, size, below, chunks, storage_options, rescale)
-    image = open_direct(source, storage_options=storage_options)
+    try:
+        image = open_direct(source, storage_options=storage_options)
+    except ValueError:
+        labels = _label_group(source, storage_options)
+        if labels is None:
+            raise
+        return _open_labels(*labels, scale, size, below)
     info = image.info
     k = choose_level(info, scale=scale, size=size, below=below)
     factor = _rescale(image) if rescale else None
@@ -90,6 +103,51 @@ def open(
     image = xr.DataArray(variable, coords=coords, name=IMAGE, indexes=indexes, fastpath=True)
     image.attrs = _attrs(info, k, factor)
     return image
+
+
+def _label_group(source: Any, storage_options: Mapping[str, Any] | None
+                 ) -> tuple[Any, LabelInfo] | None:
+    """The label group at ``source`` and its info, or None if it is not a label map."""
+    try:
+        group = zarr.open_group(open_source_store(source, storage_options), mode="r",
+                                zarr_format=3)
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+    return open_labels(group) if is_label_group(group.attrs) else None
+
+
+def _open_labels(group: Any, labels: LabelInfo, scale: int | None, size: int | None,
+                 below: bool, chunks: Any = None) -> xr.DataArray:
+    """Level k of a label map: the same shape, coordinates and affine as its image's level k."""
+    info = labels.geometry
+    k = choose_level(info, scale=scale, size=size, below=below)
+    array = group[f"s{k}/{LABELS}"]
+    if tuple(array.shape) != info.level_shape(k):
+        raise ValueError(f"{group.store_path}: label level {k} has shape {array.shape}, "
+                         f"expected {info.level_shape(k)}")
+    if chunks is None:
+        variable = xr.Variable(info.dims, indexing.LazilyIndexedArray(_LabelArray(array)))
+    else:  # dask: one task per stored chunk unless asked otherwise
+        import dask.array as da
+
+        variable = xr.Variable(info.dims, da.from_zarr(array, chunks=array.chunks if chunks in (
+            {}, "auto") else chunks))
+    coords, indexes = _coords(info, k)
+    out = xr.DataArray(variable, coords=coords, name=LABELS, indexes=indexes, fastpath=True)
+    out.attrs = _attrs(info, k, None) | {"labels": {"image": labels.image,
+                                                    "segments": list(labels.segments)}}
+    return out
+
+
+class _LabelArray(BackendArray):
+    """One label level for xarray's lazy indexing: a selection reads only its chunks."""
+
+    def __init__(self, array: Any) -> None:
+        self.array, self.shape, self.dtype = array, tuple(array.shape), array.dtype
+
+    def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
+        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.BASIC,
+                                                  lambda k: self.array[k])
 
 
 def _rescale(image: OpenedImage) -> Rescale:

@@ -78,7 +78,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                      skip_existing=args.skip_existing, alpha=args.alpha, quantize=args.quantize,
                      threads=args.threads, workers=args.workers, scheduler=args.scheduler,
                      batch_bytes=int(args.batch_mb * 2**20) if args.batch_mb > 0 else None,
-                     progress=not args.quiet)
+                     progress=not args.quiet, labels=args.labels)
     print(report.summary())
     if args.report:
         Path(args.report).write_text(dumps(report.to_json()) + "\n")
@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep images already completely converted (resume)")
     p.add_argument("--alpha", type=int, default=DEFAULT_ALPHA,
                    help="smallest level edge: levels = ceil(log2(min(Y, X) / alpha)) (default: %(default)s)")
+    p.add_argument("--labels", nargs="?", const=True, metavar="GLOB",
+                   help="store integer sources as label maps (true labels at every level, beside "
+                        "the image on their grid): all non-DICOM sources, or the file names "
+                        "matching GLOB (NIfTI files with intent label are always label maps)")
     p.add_argument("--quantize", metavar="DTYPE",
                    help="store non-integral float data quantised to this integer dtype (lossy, recorded)")
     p.add_argument("--threads", type=int,

@@ -71,6 +71,11 @@ class MistDataset:
     decode per chunk; level-0 chunks checked against their checksums) on
     ``threads`` decode threads: by default one per core in the process that
     made the dataset, one in loader workers (the workers are the parallelism).
+
+    ``labels=True`` yields (image, mask) pairs: only images with a linked label
+    map (:mod:`mist_zarr.labels`) are items, and each item adds ``mask`` (the
+    label map at the image's level: same shape, same affine) and ``mask_path``;
+    an image with several label maps gives one item per map.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class MistDataset:
         storage_options: Mapping[str, Any] | None = None,
         rescale: bool = False,
         threads: int | None = None,
+        labels: bool = False,
     ) -> None:
         from .catalog import catalog
 
@@ -117,6 +123,13 @@ class MistDataset:
                     f"(e.g. {short['path'].iloc[0]!r} has {int(short['levels'].iloc[0])}); "
                     f"add the filter 'levels >= {scale}' or use size=")
         self._rows: list[dict[str, Any]] = df.reset_index(drop=True).to_dict("records")
+        self.labels = labels
+        if labels:
+            from .labels import find_label_maps
+
+            masks = find_label_maps(self.root, self.storage_options)
+            self._rows = [{**row, "mask_path": m} for row in self._rows
+                          for m in masks.get(row["path"], [])]
         self._images: OrderedDict[str, tuple[OpenedImage, Rescale | None]] = OrderedDict()
         self._lock = threading.Lock()
         self._pid = self._maker = os.getpid()
@@ -143,6 +156,8 @@ class MistDataset:
         }
         if factor is not None:
             item["rescale"] = factor.to_json()
+        if self.labels:
+            item["mask"], item["mask_path"] = self._mask(row["mask_path"], k), row["mask_path"]
         return self.transform(item) if self.transform is not None else item
 
     # -- pickling: the root, the options and the rows; stores are per process ----
@@ -195,6 +210,12 @@ class MistDataset:
         if not 0 <= i < n:
             raise IndexError(f"index {i} out of range for {n} images")
         return i
+
+    def _mask(self, path: str, k: int) -> np.ndarray:
+        from .labels import open_labels, read_label_level
+
+        group, _ = open_labels(join_location(self.root, path))
+        return read_label_level(group, k)
 
     def _image(self, path: str) -> tuple[OpenedImage, Rescale | None]:
         from .direct import open_direct

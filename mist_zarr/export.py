@@ -21,6 +21,8 @@ from .converters import nifti
 from .converters.base import ExportResult, StoredImage
 from .converters.dicom import export_dicom
 from .errors import ExportError
+from .labels import false_colour, is_label_group, open_labels, read_label_level
+from .storage import get_json
 from .reader import open_image
 from .storage import open_source_store
 from .store import MultiscaleStore
@@ -53,7 +55,7 @@ def allowed_exports(source_format: str) -> tuple[str, ...]:
 def export(
     store: Any, out: str | os.PathLike, *, format: str, scale: int | None = None,
     size: int | None = None, window: Sequence[float] | None = None, bits: int | None = None,
-    uncompressed: bool = False,
+    uncompressed: bool = False, colour: bool = False,
 ) -> ExportResult:
     """Write the image at ``store`` (at level ``scale`` or the level for ``size``) to ``out``.
 
@@ -62,6 +64,10 @@ def export(
     per slice). PNG keeps the native bit depth losslessly by default; give
     ``bits=8`` (with the DICOM window, or ``window=(centre, width)``) for
     8-bit pictures. JPEG is always 8-bit and lossy (previews).
+
+    A label map exports to ``nifti`` (labels exact, intent label, the affine of
+    its image's level) or ``png`` (index images, exact; with ``colour`` RGB
+    false colour, one fixed colour per label value).
     """
     # xarray (behind access) costs ~0.5 s to import; `import mist_zarr` must not pay it
     from .access import choose_level
@@ -72,6 +78,9 @@ def export(
         raise ExportError(f"unknown export format {format!r}; expected dicom, nifti, png or jpeg")
     # the image is opened once: its store, group and levels are shared by every step
     physical = open_source_store(store)
+    attrs = get_json(physical, "zarr.json") or {}
+    if is_label_group(attrs.get("attributes", {})):
+        return _export_labels(store, physical, Path(out), fmt, scale, size, colour)
     group, info = open_image(physical)
     allowed = allowed_exports(info.source_format)
     if fmt not in allowed:
@@ -87,3 +96,34 @@ def export(
     options = {"format": fmt, "window": window, "bits": bits, "uncompressed": uncompressed}
     return exporter(StoredImage(store, group, info, k, values), Path(out),
                     **{name: options[name] for name in takes})
+
+
+def _export_labels(source: Any, physical: Any, out: Path, fmt: str, scale: int | None,
+                   size: int | None, colour: bool) -> ExportResult:
+    from dataclasses import replace
+
+    import numpy as np
+
+    from .access import choose_level
+
+    group, labels = open_labels(physical)
+    if fmt not in ("nifti", "png"):
+        raise ExportError(f"{source}: a label map exports to nifti or png, not {fmt}")
+    info = labels.geometry
+    k = choose_level(info, scale=scale, size=size)
+    values = read_label_level(group, k)
+    # no source header: the stored mask is in its image's orientation, so the affine is its own
+    plain = replace(info, metadata={})
+    if fmt == "nifti":
+        if "segment" in info.dims:  # one channel per segment: the NIfTI 4th axis
+            values = np.moveaxis(values, 0, -1)
+            plain = replace(plain, dims=("z", "y", "x"), shape=values.shape[:3],
+                            spacing=info.spacing[1:])
+            values = np.ascontiguousarray(np.moveaxis(values, -1, 0))
+            plain = replace(plain, dims=("t", "z", "y", "x"), shape=values.shape,
+                            spacing=(1.0,) + tuple(info.spacing[1:]))
+        return nifti.export(StoredImage(source, group, plain, k, values), out, intent="label")
+    if colour:
+        values = false_colour(values)
+        plain = replace(plain, dims=tuple(info.dims) + ("c",), shape=values.shape)
+    return image_format.export(StoredImage(source, group, plain, k, values), out, format="png")

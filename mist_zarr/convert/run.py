@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import time
 import uuid
@@ -19,6 +20,7 @@ from ..errors import SourceIssue
 from ..format import FORMAT_VERSION
 from ..layout import DEFAULT_ALPHA
 from .distributed import run_distributed
+from .labels import _MASK_NAME
 from .local import run_local
 from .report import ConvertReport, SeriesResult, issue_json
 from .scratch import clean_scratch, local_root
@@ -46,6 +48,7 @@ def convert(
     scheduler: str | None = None,
     progress: bool = False,
     storage_options: dict[str, Any] | None = None,
+    labels: bool | str | None = None,
 ) -> ConvertReport:
     """Convert a file, folder or tree (or a list of them) into the dataset root ``dest``.
 
@@ -60,6 +63,11 @@ def convert(
     single-frame files that decodes to more is read and written in batches
     of slices of at most that size (decoding each file twice); ``None``
     reads every image whole. Files holding many frames are read whole.
+
+    Label maps (NIfTI intent label; with ``labels=True`` every non-DICOM
+    integer source, with a glob such as ``"*seg*"`` the files it matches) are
+    stored with true labels at every level, beside the image on their grid
+    (:mod:`mist_zarr.labels`); images are converted first so that masks find them.
     """
     if overwrite and skip_existing:
         raise ValueError("choose overwrite or skip_existing, not both")
@@ -75,10 +83,12 @@ def convert(
     if local is not None:
         clean_scratch(local)
     units, problems = plan(src, exclude=exclude)
+    # images before masks: a mask is aligned to, and linked with, an image already stored
+    units.sort(key=lambda u: (u.kind != "dicom", _maybe_labels(u, labels)))
     report.problems += problems
     options = Options(overwrite, skip_existing, alpha, quantize, max_bytes, batch_bytes,
                       threads if not (workers or scheduler) else (threads or 1),
-                      uuid.uuid4().hex, storage_options)
+                      uuid.uuid4().hex, storage_options, labels)
     _run(units, dest, options, workers, scheduler, report, progress)
     if local is not None:  # scratch left by workers killed during this run
         clean_scratch(local)
@@ -86,6 +96,13 @@ def convert(
     _update_failures(root, report, units, options.run)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _maybe_labels(unit: Unit, labels: bool | str | None) -> bool:
+    name = os.path.basename(unit.files[0])
+    if isinstance(labels, str):
+        return fnmatch.fnmatch(name, labels)
+    return bool(_MASK_NAME.search(name))
 
 
 def _run(units: list[Unit], dest: Any, options: Options, workers: int | None,

@@ -21,6 +21,8 @@ from ..converters.sources import Unit, label, read_unit_images
 from ..errors import ConversionError, SourceIssue
 from ..format import ATTR, DONE_DIR, ImageInfo
 from ..writer import write_image
+from ..labels import LabelInfo, is_label_group
+from .labels import mark_labels, write_label_image
 from .report import SeriesResult
 from .scratch import local_root, write_and_rename
 from ..storage import get_json, set_json
@@ -42,6 +44,7 @@ class Options:
     threads: int | None
     run: str
     storage_options: dict[str, Any] | None
+    labels: bool | str | None = None  # mark sources as label maps: all, or a file-name glob
 
 
 @dataclass
@@ -110,6 +113,7 @@ def write_unit(unit: Unit, dest: Any, options: Options,
     for image in read.images:
         image.metadata["source_key"] = unit.key
         try:
+            mark_labels(image, options.labels, unit.files[0])
             results.append(_write_one(root, image.name, image, options))
         except (ValueError, TypeError, OSError) as exc:
             problems.append(SourceIssue(label(unit), f"{image.name}: {exc}", key=unit.key))
@@ -132,6 +136,8 @@ def _existing(root: zarr.Group, path: str) -> ImageInfo | None:
 
 
 def _write_one(root: zarr.Group, name: str, image: SourceImage, options: Options) -> SeriesResult:
+    if image.labels:
+        return _write_labels(root, name, image, options)
     bytes_in = sum(os.path.getsize(f) for f in image.source_files if os.path.exists(f))
     existing = _existing(root, name)
     if existing is not None and existing.complete:
@@ -164,6 +170,27 @@ def _write_one(root: zarr.Group, name: str, image: SourceImage, options: Options
                               .strip("/"), mode="r")[..., 0].sum())
     return SeriesResult(name, image.source_format, info.shape, info.dtype.name, bytes_in, out,
                         len(image.source_files), warnings=list(image.warnings))
+
+
+def _write_labels(root: zarr.Group, name: str, image: SourceImage,
+                  options: Options) -> SeriesResult:
+    try:
+        node = root[name]
+    except KeyError:
+        node = None
+    if node is not None and not options.overwrite:
+        if options.skip_existing and is_label_group(node.attrs):
+            info = LabelInfo.from_json(node.attrs[ATTR], where=name).geometry
+            if info.complete:
+                return SeriesResult(name, info.source_format, info.shape, info.dtype.name, 0, 0,
+                                    len(image.source_files), status="existing")
+        raise ConversionError("already converted; pass overwrite (--overwrite) to replace "
+                              "it or skip_existing (--skip-existing) to keep it")
+    parent = name.rsplit("/", 1)[0] if "/" in name else ""
+    if parent:
+        _require_group(root, parent)
+    metadata = image.write_metadata() | {"convert_run": options.run}
+    return write_label_image(root, name, image, metadata, overwrite=node is not None)
 
 
 def _require_group(root: zarr.Group, path: str) -> None:

@@ -38,6 +38,9 @@ class SourceImage:
     warnings: list[str] = field(default_factory=list)
     source_files: list[str] = field(default_factory=list)
     lossy_source: bool = False
+    # a label map (segmentation): stored by mist_zarr.labels, not as HTJ2K
+    labels: bool = False
+    segments: list[dict[str, Any]] = field(default_factory=list)
 
     def write_metadata(self) -> dict[str, Any]:
         """The ``metadata`` attribute the writer stores for this image."""

@@ -189,7 +189,11 @@ def _read_nifti(path: str | Path, max_bytes: int | None) -> SourceImage:
     if space_unit not in ("mm", "unknown"):
         warnings.append(f"spatial unit is {space_unit!r}; spacing and affine are kept as stored")
     name = path.name.removesuffix(".gz").removesuffix(".nii")
-    return SourceImage(
+    labels = header.get_intent()[0] == "label"
+    if labels and dtype.kind not in "iub":
+        raise ConversionError(f"{path}: intent NIFTI_INTENT_LABEL with {dtype} voxels: a label "
+                              "map holds integers")
+    return SourceImage(labels=labels,
         data=data, dims=dims, spacing=spacing, affine=np.asarray(img.affine, float),
         source_format="nifti", name=safe_name(name), metadata=metadata, warnings=warnings,
         source_files=[str(path)],
@@ -197,7 +201,7 @@ def _read_nifti(path: str | Path, max_bytes: int | None) -> SourceImage:
 
 
 # -- export ------------------------------------------------------------------------
-def export(image: StoredImage, out: Path) -> ExportResult:
+def export(image: StoredImage, out: Path, *, intent: str | None = None) -> ExportResult:
     """Write the level as one NIfTI file (``.nii.gz`` unless ``out`` ends in ``.nii``).
 
     A NIfTI-sourced image gets its own header back (pixdim and s/qform scaled
@@ -231,6 +235,8 @@ def export(image: StoredImage, out: Path) -> ExportResult:
         rescale = dicom_rescale(info)
         if rescale is not None:
             img.header.set_slope_inter(*rescale)
+    if intent is not None:  # a label map: NIFTI_INTENT_LABEL
+        img.header.set_intent(intent)
     name = out if out.suffix in (".nii", ".gz") else out.with_name(out.name + ".nii.gz")
     name.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, name)

@@ -15,10 +15,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import SourceIssue
 from . import detect, read_file, suffixes
 from .base import DEFAULT_MAX_BYTES, SourceImage, safe_name
 from .dicom import SeriesRef, read_dicom_series, scan_dicom
+from .dicom.rtstruct import RTSTRUCT_SOP_CLASS
+from .dicom.seg import SEG_SOP_CLASS, sop_class
 
 __all__ = ["Unit", "iter_sources", "label", "plan", "read_unit_images"]
 
@@ -83,6 +87,7 @@ def plan(src: SourceArg, *, exclude: Path | None = None) -> tuple[list[Unit], li
     units: list[Unit] = []
     issues: list[SourceIssue] = []
     dicom_files: list[Path] = []
+    bases: dict[Path, Path] = {}
     taken: set[str] = set()
     for base in sources:
         for path in walk(base, exclude):
@@ -92,6 +97,7 @@ def plan(src: SourceArg, *, exclude: Path | None = None) -> tuple[list[Unit], li
                                           kind="skipped", key=str(path.resolve())))
             elif kind.startswith("dicom"):
                 dicom_files.append(path)
+                bases[path] = base
             else:
                 rel = path.relative_to(base) if base.is_dir() else Path(path.name)
                 name = _unique(_file_stem(rel), taken, str(path.resolve()))
@@ -100,8 +106,18 @@ def plan(src: SourceArg, *, exclude: Path | None = None) -> tuple[list[Unit], li
         scan = scan_dicom(dicom_files)
         issues += [SourceIssue(i.source, i.reason, kind="failed", key=str(Path(i.source).resolve()))
                    for i in scan.rejected]
+        label_classes = {SEG_SOP_CLASS: "seg", RTSTRUCT_SOP_CLASS: "rtstruct"}
+        kinds = {i.source: label_classes[c] for i in scan.skipped
+                 if (c := sop_class(i.source)) in label_classes}
+        segs = set(kinds)
         issues += [SourceIssue(i.source, i.reason, kind="skipped", key=str(Path(i.source).resolve()))
-                   for i in scan.skipped]
+                   for i in scan.skipped if i.source not in segs]
+        for source in sorted(segs):  # a DICOM SEG is a label map, stored beside its image
+            path = Path(source)
+            base = bases.get(path, path.parent)
+            rel = path.relative_to(base) if base.is_dir() else Path(path.name)
+            units.append(Unit(kinds[source], str(path.resolve()), [source],
+                              name=_unique(_file_stem(rel), taken, str(path.resolve()))))
         units += [Unit("dicom", ref.key or ref.uid, list(ref.files), ref=ref) for ref in scan.series]
     return units, issues
 
@@ -112,6 +128,11 @@ def read_unit_images(unit: Unit, max_bytes: int,
 
     With ``batch_bytes``, large DICOM stacks come back as LazyPlanes (read
     in slice batches while they are written)."""
+    if unit.kind in ("seg", "rtstruct"):  # laid onto its image at write time (convert.labels)
+        return [SourceImage(data=None, dims=("z", "y", "x"), spacing=(1.0, 1.0, 1.0),
+                            affine=np.eye(4), source_format="dicom", name=unit.name,
+                            source_files=list(unit.files), labels=True,
+                            metadata={f"{unit.kind}_file": unit.files[0]})]
     if unit.kind != "dicom":
         image = read_file(Path(unit.files[0]), unit.kind, max_bytes=max_bytes)
         image.name = unit.name
