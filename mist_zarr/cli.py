@@ -89,7 +89,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from mist_zarr.export import export
 
     result = export(args.store, args.out, format=args.format, scale=args.scale, size=args.size,
-                    window=args.window, bits=args.bits, uncompressed=args.uncompressed)
+                    window=args.window, bits=args.bits, uncompressed=args.uncompressed,
+                    philips_scaling=args.philips_scaling)
     print(f"wrote {len(result.files)} {result.format} file(s) at level {result.level} to {args.out}")
     for note in result.notes:
         print(f"  note: {note}")
@@ -250,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="window for 8-bit pictures (default: the DICOM window, else min-max)")
     p.add_argument("--uncompressed", action="store_true",
                    help="DICOM: write uncompressed pixel data instead of the HTJ2K chunks")
+    p.add_argument("--philips-scaling", choices=["precise", "display"], default="precise",
+                   help="NIfTI of Philips MR with the private scale slope (2005,100E): "
+                        "floating-point values (RS*SV+RI)/(RS*SS), as dcm2niix (default), or "
+                        "the DICOM display values RS*SV+RI (dcm2niix -p n)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("verify", help="decode every chunk and check it against its checksum")

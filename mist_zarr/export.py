@@ -41,7 +41,7 @@ EXPORTS: dict[str, tuple[str, ...]] = {
 # export format -> (exporter, the options of :func:`export` it takes)
 _EXPORTERS: dict[str, tuple[Callable[..., ExportResult], tuple[str, ...]]] = {
     "dicom": (export_dicom, ("uncompressed",)),
-    "nifti": (nifti.export, ()),
+    "nifti": (nifti.export, ("philips_scaling",)),
     "png": (image_format.export, ("format", "window", "bits")),
     "jpeg": (image_format.export, ("format", "window", "bits")),
 }
@@ -55,7 +55,7 @@ def allowed_exports(source_format: str) -> tuple[str, ...]:
 def export(
     store: Any, out: str | os.PathLike, *, format: str, scale: int | None = None,
     size: int | None = None, window: Sequence[float] | None = None, bits: int | None = None,
-    uncompressed: bool = False, colour: bool = False,
+    uncompressed: bool = False, colour: bool = False, philips_scaling: str = "precise",
 ) -> ExportResult:
     """Write the image at ``store`` (at level ``scale`` or the level for ``size``) to ``out``.
 
@@ -68,6 +68,13 @@ def export(
     A label map exports to ``nifti`` (labels exact, intent label, the affine of
     its image's level) or ``png`` (index images, exact; with ``colour`` RGB
     false colour, one fixed colour per label value).
+
+    NIfTI from DICOM carries the rescale as ``scl_slope``/``scl_inter`` the way
+    dcm2niix writes it: ``philips_scaling="precise"`` (the default, as
+    dcm2niix) gives Philips MR files with the private scale slope (2005,100E)
+    their floating-point values ``(stored * RS + RI) / (RS * SS)``;
+    ``"display"`` the DICOM display values ``stored * RS + RI`` (dcm2niix
+    ``-p n``). The result's ``notes`` say which was used.
     """
     # xarray (behind access) costs ~0.5 s to import; `import mist_zarr` must not pay it
     from .access import choose_level
@@ -93,7 +100,8 @@ def export(
     k = choose_level(info, scale=scale, size=size)
     values = open_level(MultiscaleStore(physical), scale=k).values
     exporter, takes = _EXPORTERS[fmt]
-    options = {"format": fmt, "window": window, "bits": bits, "uncompressed": uncompressed}
+    options = {"format": fmt, "window": window, "bits": bits, "uncompressed": uncompressed,
+               "philips_scaling": philips_scaling}
     return exporter(StoredImage(store, group, info, k, values), Path(out),
                     **{name: options[name] for name in takes})
 
