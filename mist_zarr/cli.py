@@ -1,21 +1,26 @@
-"""The ``mist-zarr`` command line."""
+"""The ``mist-zarr`` command line.
+
+Each verb imports what it uses inside its handler, so that ``--help`` and the
+light verbs do not pay for the heavy ones (docs/architecture.md, "Imports").
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
 
 from mist_zarr.layout import DEFAULT_ALPHA
 
 __all__ = ["main"]
 
 
-def _level_table(info, index: np.ndarray) -> list[str]:
+def _level_table(info, index) -> list[str]:
+    import numpy as np
+
     raw = int(np.prod(info.shape)) * info.stored_dtype.itemsize
     full = int(index[..., 0].sum())
     rows = [f"{'level':>5}  {'shape':<22} {'spacing (mm)':<22} {'bytes':>12} {'% of s0':>8}"]
@@ -30,6 +35,8 @@ def _level_table(info, index: np.ndarray) -> list[str]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
     import mist_zarr
     from mist_zarr.phantom import ct_phantom
 
@@ -62,7 +69,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"  dims, shape   : {info.dims} {info.shape}")
     print(f"  dtype         : {info.dtype} (stored as {info.stored_dtype}, {info.values.kind})")
     print(f"  spacing       : {info.spacing}")
-    print(f"  chunks        : {info.chunks} ({int(np.prod(info.grid))} chunks)")
+    print(f"  chunks        : {info.chunks} ({math.prod(info.grid)} chunks)")
     from mist_zarr.export import allowed_exports
 
     print(f"  exports to    : {', '.join(allowed_exports(info.source_format))}")
@@ -144,6 +151,8 @@ _LS_COLUMNS = ["path", "modality", "body_part", "shape", "dtype", "spacing", "le
 
 def _catalog_table(df, *, all_columns: bool) -> str:
     """The catalog as text: lists joined, sizes in kB, the main columns unless chosen."""
+    import numpy as np
+
     df = df if all_columns else df[[c for c in _LS_COLUMNS if c in df.columns]]
 
     def cell(column: str, value) -> str:
