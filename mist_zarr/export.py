@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .converters import image as image_format
 from .converters import nifti
@@ -22,9 +25,8 @@ from .converters.base import ExportResult, StoredImage
 from .converters.dicom import export_dicom
 from .errors import ExportError
 from .labels import false_colour, is_label_group, open_labels, read_label_level
-from .storage import get_json
 from .reader import open_image
-from .storage import open_source_store
+from .storage import get_json, open_source_store
 from .store import MultiscaleStore
 
 __all__ = ["EXPORTS", "ExportError", "ExportResult", "allowed_exports", "export"]
@@ -100,9 +102,7 @@ def export(
 
 def _export_labels(source: Any, physical: Any, out: Path, fmt: str, scale: int | None,
                    size: int | None, colour: bool) -> ExportResult:
-    from dataclasses import replace
 
-    import numpy as np
 
     from .access import choose_level
 

@@ -13,6 +13,8 @@ image's array orientation (:func:`align_to`). Layout and codec:
 
 from __future__ import annotations
 
+import colorsys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,7 +25,7 @@ from zarr.codecs import ZstdCodec
 from zarr.storage import StorePath
 
 from .errors import ConversionError, IncompleteImageError
-from .format import ATTR, FORMAT_VERSION, ImageInfo
+from .format import ATTR, FORMAT_VERSION, ImageInfo, default_affine
 from .layout import DEFAULT_ALPHA, num_levels, plane_axes
 from .storage import open_source_store
 from .store import ome_multiscales
@@ -188,7 +190,6 @@ def write_labels(
     elif not isinstance(dest, StorePath):
         dest = open_source_store(dest, read_only=False)
     group = zarr.open_group(dest, mode="w" if overwrite else "w-", zarr_format=3)
-    from .format import default_affine
 
     geometry = ImageInfo(
         dims=dims, shape=tuple(int(s) for s in data.shape),
@@ -233,7 +234,6 @@ def false_colour(values: np.ndarray) -> np.ndarray:
     The colour of label ``v`` depends on ``v`` only (a golden-angle hue walk), so
     a label has the same colour in every slice, level and mask.
     """
-    import colorsys
 
     values = np.asarray(values)
     found, inverse = np.unique(values, return_inverse=True)
@@ -257,7 +257,6 @@ def find_label_maps(root: Any, storage_options: Mapping[str, Any] | None = None
                     ) -> dict[str, list[str]]:
     """``{image path: [label map paths]}`` for the linked label maps under a dataset root
     (walks the groups: a local or listable store)."""
-    import warnings
 
     group = zarr.open_group(open_source_store(root, storage_options), mode="r", zarr_format=3)
     out: dict[str, list[str]] = {}
