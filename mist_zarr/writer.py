@@ -87,6 +87,67 @@ def _blocks(data: Any, n_lead: int) -> Iterator[tuple[tuple[int, ...], np.ndarra
         yield (0,) * n_lead, np.asarray(data)
 
 
+def _describe(data: Any, *, dims, spacing, affine, source_format, metadata, alpha, levels, tile,
+              quantize, name: str) -> tuple[ImageInfo, dict[str, Any]]:
+    """Check the request and describe the image to write; also the bulky metadata set apart."""
+    dims = _validate(data, dims)
+    if source_format not in SOURCE_FORMATS:
+        raise ValueError(f"source_format must be one of {SOURCE_FORMATS}, found {source_format!r}")
+    iy, ix = plane_axes(dims)
+    shape = tuple(int(s) for s in data.shape)
+    if 0 in shape:
+        raise ValueError(f"cannot store an empty image of shape {shape}")
+    plane = (shape[iy], shape[ix])
+    n = num_levels(plane, alpha) if levels is None else int(levels)
+    chunk_plane = tile_shape(plane, n, tile)
+    if n < 0 or (1 << n) > min(chunk_plane):
+        raise ValueError(
+            f"{n} decomposition levels need chunks of at least {1 << n} px, "
+            f"but the chunk plane is {chunk_plane}"
+        )
+    chunks = (1,) * iy + chunk_plane + tuple(shape[ix + 1 :])
+    mapping = choose_mapping(data, quantize=quantize, levels=n, name=name,
+                             value_range=getattr(data, "value_range", None))
+    if spacing is None:
+        spacing = (1.0,) * len(dims)
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != len(dims):
+        raise ValueError(f"spacing has {len(spacing)} values for dims {dims}")
+    affine = default_affine(dims, spacing) if affine is None else np.asarray(affine, float)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, found shape {affine.shape}")
+    metadata = dict(metadata or {})
+    bulky = {k: metadata.pop(k) for k in BULKY_METADATA if k in metadata}
+    if bulky:
+        metadata[SLICE_METADATA] = sorted(bulky)
+    info = ImageInfo(
+        dims=dims, shape=shape, chunks=chunks, levels=n, alpha=alpha, spacing=spacing,
+        affine=affine, values=mapping, source_format=source_format, metadata=metadata,
+        write_id=uuid.uuid4().hex,
+    )
+
+    return info, bulky
+
+
+def _create_nodes(dest: StoreLike, info: ImageInfo, index: np.ndarray, checksum: np.ndarray, *,
+                  overwrite: bool, storage_options: Mapping[str, Any] | None,
+                  ) -> tuple[zarr.Group, zarr.Array]:
+    """The image group (not yet complete), its chunk array and the empty index and checksums."""
+    chunk_dims = tuple(f"{d}_chunk" for d in info.dims)
+    group = open_group(dest, mode="w" if overwrite else "w-",
+                       storage_options=storage_options, attributes={ATTR: info.to_json()})
+    image = group.create_array(
+        IMAGE, shape=info.shape, dtype=info.values.stored_dtype, chunks=info.chunks,
+        serializer=Htj2k.from_dict(codec_config(info.levels)), compressors=None, fill_value=0,
+        dimension_names=info.dims,
+    )
+    group.create_array(INDEX, shape=index.shape, dtype=index.dtype, chunks=index.shape,
+                       fill_value=0, dimension_names=chunk_dims + ("level",))
+    group.create_array(CHECKSUM, shape=checksum.shape, dtype=checksum.dtype,
+                       chunks=checksum.shape, fill_value=0, dimension_names=chunk_dims)
+    return group, image
+
+
 def write_image(
     dest: StoreLike,
     data: Any,
@@ -121,60 +182,16 @@ def write_image(
     """
     if not hasattr(data, "ndim"):
         data = np.asarray(data)
-    dims = _validate(data, dims)
-    if source_format not in SOURCE_FORMATS:
-        raise ValueError(f"source_format must be one of {SOURCE_FORMATS}, found {source_format!r}")
-    iy, ix = plane_axes(dims)
-    shape = tuple(int(s) for s in data.shape)
-    if 0 in shape:
-        raise ValueError(f"cannot store an empty image of shape {shape}")
-    plane = (shape[iy], shape[ix])
-    n = num_levels(plane, alpha) if levels is None else int(levels)
-    chunk_plane = tile_shape(plane, n, tile)
-    if n < 0 or (1 << n) > min(chunk_plane):
-        raise ValueError(
-            f"{n} decomposition levels need chunks of at least {1 << n} px, "
-            f"but the chunk plane is {chunk_plane}"
-        )
-    chunks = (1,) * iy + chunk_plane + tuple(shape[ix + 1 :])
-    mapping = choose_mapping(data, quantize=quantize, levels=n, name=str(dest),
-                             value_range=getattr(data, "value_range", None))
-    if spacing is None:
-        spacing = (1.0,) * len(dims)
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != len(dims):
-        raise ValueError(f"spacing has {len(spacing)} values for dims {dims}")
-    affine = default_affine(dims, spacing) if affine is None else np.asarray(affine, float)
-    if affine.shape != (4, 4):
-        raise ValueError(f"affine must be 4x4, found shape {affine.shape}")
-    metadata = dict(metadata or {})
-    bulky = {k: metadata.pop(k) for k in BULKY_METADATA if k in metadata}
-    if bulky:
-        metadata[SLICE_METADATA] = sorted(bulky)
-    info = ImageInfo(
-        dims=dims, shape=shape, chunks=chunks, levels=n, alpha=alpha, spacing=spacing,
-        affine=affine, values=mapping, source_format=source_format, metadata=metadata,
-        write_id=uuid.uuid4().hex,
-    )
-
-    grid = info.grid
+    info, bulky = _describe(data, dims=dims, spacing=spacing, affine=affine,
+                            source_format=source_format, metadata=metadata, alpha=alpha,
+                            levels=levels, tile=tile, quantize=quantize, name=str(dest))
+    n, grid = info.levels, info.grid
     index = np.zeros(grid + (n + 1,), np.uint64)
     checksum = np.zeros(grid, np.uint32)
-    chunk_dims = tuple(f"{d}_chunk" for d in dims)
 
     def create() -> tuple[zarr.Group, zarr.Array]:
-        group = open_group(dest, mode="w" if overwrite else "w-",
-                           storage_options=storage_options, attributes={ATTR: info.to_json()})
-        image = group.create_array(
-            IMAGE, shape=shape, dtype=mapping.stored_dtype, chunks=chunks,
-            serializer=Htj2k.from_dict(codec_config(n)), compressors=None, fill_value=0,
-            dimension_names=dims,
-        )
-        group.create_array(INDEX, shape=index.shape, dtype=index.dtype, chunks=index.shape,
-                           fill_value=0, dimension_names=chunk_dims + ("level",))
-        group.create_array(CHECKSUM, shape=checksum.shape, dtype=checksum.dtype,
-                           chunks=checksum.shape, fill_value=0, dimension_names=chunk_dims)
-        return group, image
+        return _create_nodes(dest, info, index, checksum, overwrite=overwrite,
+                             storage_options=storage_options)
 
     group = _write_chunks(create, data, info, index, checksum, threads, write_empty_chunks)
     group[INDEX][...] = index
@@ -195,6 +212,9 @@ def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write
     (that metadata round trip costs as much as encoding a few slices); the
     encoder threads wait for it only to store their first chunk.
     """
+    # One function on purpose (~90 lines): ``put`` and ``encode`` are closures
+    # over the pool, the creation event, the lock and the failure list, which
+    # the submitting loop owns; split apart they would pass all of it around.
     prototype = default_buffer_prototype()
     created = threading.Event()
     target: dict[str, Any] = {}
