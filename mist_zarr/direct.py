@@ -1,8 +1,8 @@
 """Read any level of a stored image directly: one verified prefix read and one decode per chunk.
 
-zarr's generic path costs a fixed 10-40 ms per open (array metadata parsing,
-two thread hand-offs per chunk, xarray's decoding) and about 0.1-0.4 ms per
-chunk, which is more than decoding a coarse level takes. This module reads
+zarr's generic path has a fixed cost per open (array metadata parsing, two
+thread hand-offs per chunk, xarray's decoding) and a cost per chunk that
+exceed decoding a coarse level (figures: docs/results.md). This module reads
 the same physical group (the same ``zarr.json``, the same prefix index, the
 same chunk objects) through the same zarr store, and decodes each level-k
 prefix with ``imagecodecs.htj2k_decode(prefix, skipres=k)`` straight into the
@@ -254,7 +254,7 @@ class _Reader:
 def _small_array(reader: _Reader, name: str, doc: bytes | None) -> np.ndarray:
     """A one-chunk array of the image group (the index, the checksums), decoded by numcodecs.
 
-    zarr's array machinery costs 1-3 ms for these few hundred bytes; the
+    zarr's array machinery costs more than decoding these few hundred bytes; the
     writer stores them as one chunk with ``bytes`` (+ ``zstd``) codecs. Any
     other layout goes through zarr.
     """

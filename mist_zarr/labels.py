@@ -37,9 +37,8 @@ __all__ = ["LABELS", "LABELS_FORMAT", "LabelInfo", "align_to", "false_colour", "
 
 LABELS_FORMAT = "mist-zarr-labels"  # attributes.mist.format of a label group
 LABELS = "labels"  # the array in each level group sK/
-# zstd level 19: on the shared TotalSegmentator mask (all 4 levels) 22.9 kB, against
-# 21.3 kB for level 22 (1.4-4x slower to write) and 22.0 kB for blosc-zstd 9 with
-# byte shuffle, 38.5 kB with bit shuffle (benchmarks/bench_labels.py, docs/results.md).
+# zstd level 19: the smallest of the codecs compared on the shared masks that
+# still writes fast (benchmarks/bench_labels.py; figures in docs/results.md).
 ZSTD_LEVEL = 19
 CHUNK_BYTES = 4 << 20  # a chunk is a slab of whole planes of at most this many raw bytes
 LABEL_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32")
