@@ -96,7 +96,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from mist_zarr.export import export
 
     result = export(args.store, args.out, format=args.format, scale=args.scale, size=args.size,
-                    window=args.window, bits=args.bits, uncompressed=args.uncompressed)
+                    window=args.window, bits=args.bits, uncompressed=args.uncompressed,
+                    colour=args.colour)
     print(f"wrote {len(result.files)} {result.format} file(s) at level {result.level} to {args.out}")
     for note in result.notes:
         print(f"  note: {note}")
@@ -248,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("export", help="export an image down the format hierarchy at any level")
-    p.add_argument("store", help="path or URL of a mist-zarr image")
-    p.add_argument("out", help="output file (NIfTI) or folder (DICOM, PNG, JPEG)")
+    p.add_argument("store", help="path or URL of a mist-zarr image or label map")
+    p.add_argument("out", help="output file (NIfTI) or folder (DICOM, DICOM SEG, PNG, JPEG)")
     p.add_argument("--format", required=True, choices=["dicom", "nifti", "png", "jpeg"])
     level = p.add_mutually_exclusive_group()
     level.add_argument("--scale", type=int, help="level k (2**k times smaller in y and x)")
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="window for 8-bit pictures (default: the DICOM window, else min-max)")
     p.add_argument("--uncompressed", action="store_true",
                    help="DICOM: write uncompressed pixel data instead of the HTJ2K chunks")
+    p.add_argument("--colour", action="store_true",
+                   help="label map to PNG: false colour (one fixed colour per label)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("verify", help="decode every chunk and check it against its checksum")
