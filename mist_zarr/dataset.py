@@ -22,7 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .access import choose_level
+from .catalog import COLUMNS, catalog
+from .direct import open_direct
+from .labels import find_label_maps, open_labels, read_label_level
 from .layout import level_shape
+from .modality import find_rescale
 from .storage import join_location, location
 
 if TYPE_CHECKING:
@@ -92,7 +96,6 @@ class MistDataset:
         threads: int | None = None,
         labels: bool = False,
     ) -> None:
-        from .catalog import catalog
 
         if scale is not None and size is not None:
             raise ValueError("give scale or size, not both")
@@ -125,7 +128,6 @@ class MistDataset:
         self._rows: list[dict[str, Any]] = df.reset_index(drop=True).to_dict("records")
         self.labels = labels
         if labels:
-            from .labels import find_label_maps
 
             masks = find_label_maps(self.root, self.storage_options)
             self._rows = [{**row, "mask_path": m} for row in self._rows
@@ -183,7 +185,6 @@ class MistDataset:
         """The selected catalog rows, in item order."""
         import pandas as pd
 
-        from .catalog import COLUMNS
 
         columns = list(dict.fromkeys([*COLUMNS, *(c for r in self._rows[:1] for c in r)]))
         return pd.DataFrame(self._rows, columns=columns)
@@ -212,14 +213,11 @@ class MistDataset:
         return i
 
     def _mask(self, path: str, k: int) -> np.ndarray:
-        from .labels import open_labels, read_label_level
 
         group, _ = open_labels(join_location(self.root, path))
         return read_label_level(group, k)
 
     def _image(self, path: str) -> tuple[OpenedImage, Rescale | None]:
-        from .direct import open_direct
-        from .modality import find_rescale
 
         if self._pid != os.getpid():  # forked: the parent's images (and lock) are not ours
             self._images = OrderedDict()

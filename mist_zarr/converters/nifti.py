@@ -72,7 +72,6 @@ def _load(nib: Any, path: Path) -> Any:
 
 def _file_header(nib: Any, img: Any, path: Path) -> Any:
     """The header exactly as in the file (nibabel moves scl_* into the data proxy on load)."""
-    import io
 
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
@@ -112,6 +111,38 @@ def read_nifti(path: str | Path, *, max_bytes: int | None = None) -> SourceImage
 
 
 read = read_nifti  # the registry's name for a single-file reader
+
+
+def _nifti_metadata(nib: Any, img: Any, header: Any, rgb: bool) -> tuple[dict[str, Any], str]:
+    """The ``nifti`` record kept with the image (everything export needs to write it back)."""
+    dtype = header.get_data_dtype()
+    space_unit, time_unit = header.get_xyzt_units()
+    slope, inter = header.get_slope_inter()
+    if slope is None:  # unscaled in the header; nibabel reports 1/0 in the proxy
+        slope, inter = None, None
+    sform, sform_code = header.get_sform(coded=True)
+    qform, qform_code = header.get_qform(coded=True)
+    metadata = {
+        "nifti": {
+            "version": 2 if isinstance(img, nib.Nifti2Image) else 1,
+            "header": _header_json(header),
+            "header_bytes": base64.b64encode(header.binaryblock).decode("ascii"),
+            "extensions": [
+                {"code": int(e.get_code()),
+                 "content": base64.b64encode(e.get_content() if isinstance(e.get_content(), bytes)
+                                             else e._mangle(e.get_content())).decode("ascii")}
+                for e in img.header.extensions
+            ],
+            "scl_slope": slope, "scl_inter": inter,
+            "sform": None if sform is None else sform.tolist(), "sform_code": int(sform_code),
+            "qform": None if qform is None else qform.tolist(), "qform_code": int(qform_code),
+            "units": {"space": space_unit, "time": time_unit},
+            "intent": list(header.get_intent()),
+            "descrip": header["descrip"].tobytes().rstrip(b"\x00").decode("latin-1"),
+            "dtype": dtype.name if not rgb else dtype.descr,
+        }
+    }
+    return metadata, space_unit
 
 
 def _read_nifti(path: str | Path, max_bytes: int | None) -> SourceImage:
@@ -161,32 +192,7 @@ def _read_nifti(path: str | Path, max_bytes: int | None) -> SourceImage:
         data = np.ascontiguousarray(
             data.view(np.uint8).reshape(data.shape + (len(dtype.names),)))
         dims, spacing = dims + ("c",), spacing + (1.0,)
-    space_unit, time_unit = header.get_xyzt_units()
-    slope, inter = header.get_slope_inter()
-    if slope is None:  # unscaled in the header; nibabel reports 1/0 in the proxy
-        slope, inter = None, None
-    sform, sform_code = header.get_sform(coded=True)
-    qform, qform_code = header.get_qform(coded=True)
-    metadata = {
-        "nifti": {
-            "version": 2 if isinstance(img, nib.Nifti2Image) else 1,
-            "header": _header_json(header),
-            "header_bytes": base64.b64encode(header.binaryblock).decode("ascii"),
-            "extensions": [
-                {"code": int(e.get_code()),
-                 "content": base64.b64encode(e.get_content() if isinstance(e.get_content(), bytes)
-                                             else e._mangle(e.get_content())).decode("ascii")}
-                for e in img.header.extensions
-            ],
-            "scl_slope": slope, "scl_inter": inter,
-            "sform": None if sform is None else sform.tolist(), "sform_code": int(sform_code),
-            "qform": None if qform is None else qform.tolist(), "qform_code": int(qform_code),
-            "units": {"space": space_unit, "time": time_unit},
-            "intent": list(header.get_intent()),
-            "descrip": header["descrip"].tobytes().rstrip(b"\x00").decode("latin-1"),
-            "dtype": dtype.name if not rgb else dtype.descr,
-        }
-    }
+    metadata, space_unit = _nifti_metadata(nib, img, header, rgb)
     warnings = []
     if space_unit not in ("mm", "unknown"):
         warnings.append(f"spatial unit is {space_unit!r}; spacing and affine are kept as stored")
