@@ -183,7 +183,7 @@ def _load_instance(paths: list[str], builder: _JsonBuilder, label: str) -> _File
             good.append((info, _decode_file(info)[0]))
         except MemoryError:
             raise
-        except Exception as exc:  # a broken copy: the next one may be good
+        except Exception as exc:  # noqa: BLE001 - a broken copy: the next one may be good
             failed.append(f"{path}: {one_line(exc)}")
     if not good:
         raise DicomError(f"{label}: no copy of the instance in {', '.join(paths)} decodes "
