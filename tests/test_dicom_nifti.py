@@ -94,10 +94,22 @@ def write_classic(folder: Path, slopes=(2.5,), intercept=-10.0, philips: float |
     return folder
 
 
+def _philips_frame_item(ss: float) -> Dataset:
+    """What a Philips enhanced file nests in each per-frame item: a private sequence
+    (2005,140F, creator DD 005) whose item holds the scale slope (creator DD 001)."""
+    inner = Dataset()
+    _philips_slope(inner, ss)
+    item = Dataset()
+    item.private_block(0x2005, "Philips MR Imaging DD 005", create=True).add_new(
+        0x0F, "SQ", Sequence([inner]))
+    return item
+
+
 def write_enhanced(folder: Path, slopes=(2.5,), intercept=-10.0, where: str = "shared",
                    philips: float | None = None, n: int = 4) -> Path:
     """One Enhanced MR file of ``n`` frames with the rescale only in the functional groups
-    (Pixel Value Transformation, shared or per frame)."""
+    (Pixel Value Transformation, shared or per frame); with ``where="per-frame"`` a
+    Philips scale slope is in each frame's private sequence, else at the top level."""
     folder.mkdir(parents=True)
     ds = _mr(ENHANCED_MR, "Philips Medical Systems" if philips else "SIEMENS")
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
@@ -128,9 +140,11 @@ def write_enhanced(folder: Path, slopes=(2.5,), intercept=-10.0, where: str = "s
                                                  DimensionIndexValues=[k + 1])]))
         if where == "per-frame":
             item.PixelValueTransformationSequence = transformation(slopes[k % len(slopes)])
+            if philips:
+                item.update(_philips_frame_item(philips))
         frames.append(item)
     ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
-    if philips:
+    if philips and where != "per-frame":
         _philips_slope(ds, philips)
     rng = np.random.default_rng(2)
     ds.PixelData = rng.integers(0, 4000, (n, ds.Rows, ds.Columns), dtype=np.uint16).tobytes()
@@ -141,6 +155,7 @@ def write_enhanced(folder: Path, slopes=(2.5,), intercept=-10.0, where: str = "s
 GENERATED = {
     "philips-classic": lambda d: write_classic(d),
     "philips-enhanced": lambda d: write_enhanced(d, philips=0.02),
+    "philips-enhanced-per-frame": lambda d: write_enhanced(d, where="per-frame", philips=0.04),
     "enhanced-shared-rescale": lambda d: write_enhanced(d, where="shared"),
     "enhanced-per-frame-rescale": lambda d: write_enhanced(d, where="per-frame"),
     "classic-no-philips": lambda d: write_classic(d, philips=None),
@@ -257,7 +272,8 @@ def test_nifti_export_agrees_with_dcm2niix(case, tmp_path: Path) -> None:
         assert ours[0].startswith(f"UsePhilipsFloatNotDisplayScaling: {philips}")
 
 
-@pytest.mark.parametrize("name", ["philips-classic", "philips-enhanced"])
+@pytest.mark.parametrize("name", ["philips-classic", "philips-enhanced",
+                                  "philips-enhanced-per-frame"])
 def test_display_scaling_is_an_option_and_agrees_with_dcm2niix_p_n(name, tmp_path: Path) -> None:
     src = GENERATED[name](tmp_path / "src")
     store = _convert(src, tmp_path / "ds")
@@ -271,9 +287,13 @@ def test_display_scaling_is_an_option_and_agrees_with_dcm2niix_p_n(name, tmp_pat
     _assert_agree(ours, ref)
     # display = precise * RS * SS: the two conventions differ by exactly that factor
     ds = pydicom.dcmread(next(src.iterdir()))
-    where = ds if "RescaleSlope" in ds else \
-        ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
-    factor = float(where.RescaleSlope) * float(ds[0x2005, 0x100E].value)
+    groups = [ds] + [g[0] for g in (ds.get("SharedFunctionalGroupsSequence"),
+                                    ds.get("PerFrameFunctionalGroupsSequence")) if g]
+    rs = next(float(g.PixelValueTransformationSequence[0].RescaleSlope if
+                    "PixelValueTransformationSequence" in g else g.RescaleSlope)
+              for g in groups if "PixelValueTransformationSequence" in g or "RescaleSlope" in g)
+    ss = next(float(e.value) for g in groups for e in g.iterall() if e.tag == 0x2005100E)
+    factor = rs * ss
     np.testing.assert_allclose(ours.get_fdata(), precise.get_fdata() * factor, rtol=1e-5)
 
 
@@ -342,3 +362,27 @@ def test_enhanced_4d_export_records_the_volume_order(tmp_path: Path) -> None:
     result = export(store, tmp_path / "asl.nii", format="nifti")
     assert nib.load(result.files[0]).ndim == 4
     assert any(n.startswith("4-D volume order") for n in result.notes), result.notes
+
+
+def _metadata(ds: Dataset) -> dict:
+    return {"dicom": ds.to_json_dict()}
+
+
+@pytest.mark.parametrize("block, manufacturer, precise", [
+    (0x10, "Philips Medical Systems", True),
+    (0x11, "Philips", True),  # another private block: found through its creator
+    (0x10, "SIEMENS", False),  # the tag without Philips as manufacturer: display values
+])
+def test_philips_scale_slope_is_found_by_its_private_creator(block, manufacturer, precise):
+    from mist_zarr.modality import find_rescale
+
+    ds = _item(Manufacturer=manufacturer, RescaleSlope=2.0, RescaleIntercept=-4.0)
+    if block != 0x10:
+        ds.add_new((0x2005, 0x0010), "LO", "another creator")  # block 10 is taken
+    ds.add_new((0x2005, block), "LO", PHILIPS)
+    ds.add_new((0x2005, (block << 8) | 0x0E), "FL", 0.5)
+    rescale = find_rescale(_metadata(ds), (3,), philips="precise")
+    expected = (1 / 0.5, -4.0 / (2.0 * 0.5)) if precise else (2.0, -4.0)
+    assert (rescale.slope, rescale.intercept) == expected
+    display = find_rescale(_metadata(ds), (3,))  # the default: DICOM display values
+    assert (display.slope, display.intercept) == (2.0, -4.0)

@@ -7,8 +7,11 @@ Two steps:
   SeriesNumber are kept apart; files without a UID are grouped by folder and
   series attributes). Files that are not DICOM, unreadable or truncated are
   listed in ``ScanResult.rejected``; DICOM objects without an image (SR, SEG,
-  RTSTRUCT, RTPLAN, PR, KO, DICOMDIR ...) and duplicate instances in
-  ``ScanResult.skipped``. Nothing is raised for a bad file.
+  RTSTRUCT, RTPLAN, PR, KO, DICOMDIR ...) and further copies of an instance
+  (same SOPInstanceUID) in ``ScanResult.skipped``. Nothing is raised for a
+  bad file. A series keeps every copy of an instance (``SeriesRef.copies``):
+  reading uses the first copy that decodes and refuses copies whose pixels
+  differ (a conflict), so a broken first copy never loses the image.
 * :func:`read_dicom_series` turns one series into one or more
   :class:`DicomVolume` (a series splits into several stacks when its images
   differ in orientation, matrix, pixel format, echo, image type or
