@@ -86,6 +86,10 @@ def convert(
     # images before masks: a mask is aligned to, and linked with, an image already stored
     units.sort(key=lambda u: (u.kind != "dicom", _maybe_labels(u, labels)))
     report.problems += problems
+    if workers and not scheduler and len(units) <= 1:
+        # A local cluster takes seconds to start (each process imports the whole
+        # stack); a single unit has nothing to share, so it runs here on all threads.
+        workers = None
     options = Options(overwrite, skip_existing, alpha, quantize, max_bytes, batch_bytes,
                       threads if not (workers or scheduler) else (threads or 1),
                       uuid.uuid4().hex, storage_options, labels)
