@@ -90,6 +90,7 @@ from __future__ import annotations
 from ...errors import DicomError
 from ..base import DEFAULT_MAX_BYTES
 from .export import export_dicom
+from .header import forget_headers
 from .jsonmodel import BULK_DATA_THRESHOLD
 from .naming import suggest_name
 from .scan import ScanResult, SeriesRef, scan_dicom
@@ -97,6 +98,7 @@ from .series import dicom_sources, iter_dicom_volumes, read_dicom_series
 from .volume import DicomVolume
 
 __all__ = [
+    "forget_headers",
     "BULK_DATA_THRESHOLD",
     "DEFAULT_MAX_BYTES",
     "FORMAT",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from ...errors import SourceIssue
-from .header import _non_image_reason, _read_header, _Refused
+from .header import _non_image_reason, _read_header, _Refused, keep_header, raw_copy
 from .tags import _int, _text
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -78,7 +78,9 @@ def _scan(paths: Iterable[PathLike] | PathLike) -> tuple[ScanResult, set[str]]:
         if named:
             explicit.add(path)
         try:
-            ds, pixel_tag, _ = _read_header(path)
+            header = _read_header(path)
+            raw = raw_copy(header)  # before the checks below parse any element
+            ds, pixel_tag, _ = header
             refusal = _non_image_reason(ds, pixel_tag)
             if refusal:
                 kind, reason = refusal
@@ -123,6 +125,7 @@ def _scan(paths: Iterable[PathLike] | PathLike) -> tuple[ScanResult, set[str]]:
         ref.files.append(path)
         if sop_uid:
             seen[sop_uid] = (path, ref)
+        keep_header(path, raw)  # for the read of this series: one parse per header
         sop_class = _text(ds, "SOPClassUID")
         if sop_class and sop_class not in ref.sop_classes:
             ref.sop_classes.append(sop_class)
