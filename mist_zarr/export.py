@@ -90,7 +90,7 @@ def export(
             f"{', '.join(allowed)}); making {fmt} from {info.source_format} would invent "
             "metadata the source never had"
         )
-    k = choose_level(info, scale=scale, size=size)
+    k = choose_level(info, scale=scale, size=size, source=store)
     values = open_level(MultiscaleStore(physical), scale=k).values
     exporter, takes = _EXPORTERS[fmt]
     options = {"format": fmt, "window": window, "bits": bits, "uncompressed": uncompressed}
@@ -110,7 +110,7 @@ def _export_labels(source: Any, physical: Any, out: Path, fmt: str, scale: int |
     if fmt not in ("nifti", "png"):
         raise ExportError(f"{source}: a label map exports to nifti or png, not {fmt}")
     info = labels.geometry
-    k = choose_level(info, scale=scale, size=size)
+    k = choose_level(info, scale=scale, size=size, source=source)
     values = read_label_level(group, k)
     # no source header: the stored mask is in its image's orientation, so the affine is its own
     plain = replace(info, metadata={})
