@@ -34,9 +34,19 @@ def choose_level(info: ImageInfo, *, scale: int | None = None, size: int | None 
     shorter edge is <= ``size`` (1024 -> 128 for 224). A request no level
     meets (``size`` above level 0's edge; with ``below``, under the smallest
     level's) raises ValueError listing the edges, unless ``clamp``: then the
-    nearest level (0, or the smallest). ``scale`` must be an integer level
-    of the image.
+    nearest level (0, or the smallest). ``scale`` must be a whole-number level
+    of the image. ``source``, if given, names the image in errors.
     """
+    try:
+        return _choose_level(info, scale, size, below, clamp)
+    except ValueError as exc:
+        if source is None:
+            raise
+        name = os.fspath(source) if isinstance(source, os.PathLike) else source
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def _choose_level(info: ImageInfo, scale: Any, size: Any, below: bool, clamp: bool) -> int:
     if scale is not None and size is not None:
         raise ValueError("give scale or size, not both")
     if scale is not None:

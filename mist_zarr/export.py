@@ -22,9 +22,9 @@ from .converters.base import ExportResult, StoredImage
 from .converters.dicom import export_dicom
 from .errors import ExportError
 from .labels import false_colour, is_label_group, open_labels, read_label_level
-from .storage import get_json
+from .format import ATTR, not_an_image
 from .reader import open_image
-from .storage import open_source_store
+from .storage import get_json, no_group, open_source_store
 from .store import MultiscaleStore
 
 __all__ = ["EXPORTS", "ExportError", "ExportResult", "allowed_exports", "export"]
@@ -78,9 +78,14 @@ def export(
         raise ExportError(f"unknown export format {format!r}; expected dicom, nifti, png or jpeg")
     # the image is opened once: its store, group and levels are shared by every step
     physical = open_source_store(store)
-    attrs = get_json(physical, "zarr.json") or {}
-    if is_label_group(attrs.get("attributes", {})):
+    doc = get_json(physical, "zarr.json")
+    if doc is None:
+        raise no_group(store, str(store))
+    attrs = doc.get("attributes", {})
+    if is_label_group(attrs):
         return _export_labels(store, physical, Path(out), fmt, scale, size, colour)
+    if ATTR not in attrs:
+        raise not_an_image(str(store), attrs)
     group, info = open_image(physical)
     allowed = allowed_exports(info.source_format)
     if fmt not in allowed:
