@@ -246,15 +246,15 @@ class _Worker:
     """
 
     def __init__(self) -> None:
-        here = str(Path(__file__).resolve().parents[1])  # the mist_zarr this process runs
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [here, *filter(None, [os.environ.get("PYTHONPATH")])]))
+        # the mist_zarr this process runs, also when only its sys.path finds it
+        here = str(Path(__file__).resolve().parents[1])
+        code = (f"import sys\nif {here!r} not in sys.path: sys.path.insert(0, {here!r})\n"
+                "from mist_zarr.verify import _serve\n_serve()")
         self.stderr = tempfile.TemporaryFile()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from mist_zarr.verify import _serve; _serve()"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                env=env, text=True)
+                [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=self.stderr, text=True)
         except OSError as exc:
             self.stderr.close()
             raise _WorkerUnavailable(f"{sys.executable}: {exc}") from exc
@@ -290,7 +290,13 @@ class _Worker:
         self.stderr.seek(0)
         tail = self.stderr.read()[-2000:].decode(errors="replace").strip()
         self.stderr.close()
-        status = (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
+        if code < 0:
+            try:
+                status = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                status = f"killed by signal {-code}"
+        else:
+            status = f"exit status {code}"
         return f"{status}{': ' + tail.splitlines()[-1] if tail else ''}"
 
 
