@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,30 +26,71 @@ __all__ = ["choose_level", "open", "open_dataset"]
 
 
 def choose_level(info: ImageInfo, *, scale: int | None = None, size: int | None = None,
-                 below: bool = False) -> int:
+                 below: bool = False, clamp: bool = False, source: Any = None) -> int:
     """Level for ``scale`` (k: ``2**k`` times smaller) or ``size`` (in-plane pixels).
 
     With ``size`` the level is the smallest whose shorter in-plane edge is still
     >= ``size`` (1024 -> 256 for 224), or with ``below`` the largest whose
-    shorter edge is <= ``size`` (1024 -> 128 for 224).
+    shorter edge is <= ``size`` (1024 -> 128 for 224). A request no level
+    meets (``size`` above level 0's edge; with ``below``, under the smallest
+    level's) raises ValueError listing the edges, unless ``clamp``: then the
+    nearest level (0, or the smallest). ``scale`` must be a whole-number level
+    of the image. ``source``, if given, names the image in errors.
     """
+    try:
+        return _choose_level(info, scale, size, below, clamp)
+    except ValueError as exc:
+        if source is None:
+            raise
+        name = os.fspath(source) if isinstance(source, os.PathLike) else source
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def _choose_level(info: ImageInfo, scale: Any, size: Any, below: bool, clamp: bool) -> int:
     if scale is not None and size is not None:
         raise ValueError("give scale or size, not both")
     if scale is not None:
-        if not 0 <= scale <= info.levels:
-            raise ValueError(f"scale must be in 0..{info.levels} for this image, found {scale}")
-        return int(scale)
+        k = _whole(scale)
+        if k is None or not 0 <= k <= info.levels:
+            raise ValueError(f"scale must be a level of this image, one of "
+                             f"{list(range(info.levels + 1))} (level k is 2**k times smaller "
+                             f"in y and x), found {scale!r}")
+        return k
     if size is None:
         return 0
-    if size < 1:
-        raise ValueError(f"size must be a positive number of pixels, found {size}")
-    edges = [min(info.level_shape(k)[info.dims.index(d)] for d in ("y", "x"))
-             for k in range(info.levels + 1)]
-    if below:
-        fit = [k for k, e in enumerate(edges) if e <= size]
-        return fit[0] if fit else info.levels
-    fit = [k for k, e in enumerate(edges) if e >= size]
-    return fit[-1] if fit else 0
+    n = _whole(size)
+    if n is None or n < 1:
+        raise ValueError(f"size must be a positive whole number of pixels, found {size!r}")
+    edges = level_edges(info)
+    fit = [k for k, e in enumerate(edges) if (e <= n if below else e >= n)]
+    if fit:
+        return fit[0] if below else fit[-1]
+    if clamp:
+        return info.levels if below else 0
+    which = (f"the smallest level's shorter edge is {edges[-1]} > {n}" if below else
+             f"level 0's shorter edge is {edges[0]} < {n}")
+    raise ValueError(f"no level has a shorter in-plane edge {'<=' if below else '>='} {n}: "
+                     f"{which}; the levels' shorter edges are "
+                     f"{', '.join(f's{k}: {e}' for k, e in enumerate(edges))}")
+
+
+def level_edges(info: ImageInfo) -> list[int]:
+    """Each level's shorter in-plane (y, x) edge, level 0 first."""
+    return [min(info.level_shape(k)[info.dims.index(d)] for d in ("y", "x"))
+            for k in range(info.levels + 1)]
+
+
+def _whole(value: Any) -> int | None:
+    """``value`` as an int if it is a whole number (not a bool), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    return None
 
 
 def open_dataset(
@@ -93,7 +136,7 @@ def open(
             raise
         return _open_labels(*labels, scale, size, below)
     info = image.info
-    k = choose_level(info, scale=scale, size=size, below=below)
+    k = choose_level(info, scale=scale, size=size, below=below, source=source)
     factor = _rescale(image) if rescale else None
     array = LevelArray(image, k, factor, threads)
     variable = xr.Variable(info.dims, indexing.LazilyIndexedArray(array))
@@ -120,7 +163,7 @@ def _open_labels(group: Any, labels: LabelInfo, scale: int | None, size: int | N
                  below: bool, chunks: Any = None) -> xr.DataArray:
     """Level k of a label map: the same shape, coordinates and affine as its image's level k."""
     info = labels.geometry
-    k = choose_level(info, scale=scale, size=size, below=below)
+    k = choose_level(info, scale=scale, size=size, below=below, source=group.store_path)
     array = group[f"s{k}/{LABELS}"]
     if tuple(array.shape) != info.level_shape(k):
         raise ValueError(f"{group.store_path}: label level {k} has shape {array.shape}, "
@@ -229,7 +272,7 @@ def _open_zarr(source: Any, scale: int | None, size: int | None, below: bool, ch
     store = source if isinstance(source, MultiscaleStore) else MultiscaleStore(
         source, storage_options=storage_options)
     info = store.info
-    k = choose_level(info, scale=scale, size=size, below=below)
+    k = choose_level(info, scale=scale, size=size, below=below, source=source)
     ds = xr.open_dataset(store, engine="zarr", group=f"s{k}", consolidated=False,
                          chunks=chunks, mask_and_scale=False, decode_times=False)
     image = ds[IMAGE].copy(data=ds[IMAGE].data.map_blocks(info.values.decode,

@@ -62,7 +62,7 @@ def _read_one(source: Any, *, scale: int | None, size: int | None, below: bool, 
               storage_options: Mapping[str, Any] | None, threads: int | None) -> np.ndarray:
     image = open_direct(source, storage_options=storage_options)
     info = image.info
-    k = choose_level(info, scale=scale, size=size, below=below)
+    k = choose_level(info, scale=scale, size=size, below=below, source=source)
     values = info.values.decode(image.read(k, threads=threads))
     if rescale:
         factor = find_rescale(info.metadata, info.shape[:info.dims.index("y")],
@@ -90,7 +90,7 @@ def to_dask(
     if not paths:
         raise ValueError("to_dask needs at least one image")
     first = open_direct(paths[0], storage_options=storage_options)
-    k = choose_level(first.info, scale=scale, size=size, below=below)
+    k = choose_level(first.info, scale=scale, size=size, below=below, source=paths[0])
     shape = first.info.level_shape(k)
     dtype = rescaled_dtype(first.info.dtype) if rescale else first.info.dtype
     options = {"scale": scale, "size": size, "below": below, "rescale": rescale,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -19,9 +20,8 @@ __all__ = ["main"]
 
 
 def _level_table(info, index) -> list[str]:
-    import numpy as np
-
-    raw = int(np.prod(info.shape)) * info.stored_dtype.itemsize
+    # against the caller's / source's samples, not the (possibly wider) stored integers
+    raw = math.prod(info.shape) * info.dtype.itemsize
     full = int(index[..., 0].sum())
     rows = [f"{'level':>5}  {'shape':<22} {'spacing (mm)':<22} {'bytes':>12} {'% of s0':>8}"]
     for k in range(info.levels + 1):
@@ -30,7 +30,9 @@ def _level_table(info, index) -> list[str]:
         spacing = ", ".join(f"{s:g}" for s in info.level_spacing(k))
         rows.append(f"{'s' + str(k):>5}  {shape:<22} {spacing:<22} {nbytes:>12,} "
                     f"{100 * nbytes / max(full, 1):>7.1f}%")
-    rows.append(f"raw {raw:,} bytes -> stored {full:,} bytes (lossless ratio {raw / max(full, 1):.2f})")
+    kind = "ratio, quantized (lossy)" if info.values.kind == "quantized" else "lossless ratio"
+    rows.append(f"raw {raw:,} bytes ({info.dtype}) -> stored {full:,} bytes ({kind} "
+                f"{raw / max(full, 1):.2f} against the {info.dtype} source)")
     return rows
 
 
@@ -328,6 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader left (`mist-zarr info ... | head`): not an error to print
+        # Python flushes stdout again at exit; point it at devnull so that flush is silent
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE: what a shell reports for a tool that SIGPIPE ended
     except (ValueError, OSError, TypeError) as exc:
         print(f"mist-zarr {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from types import SimpleNamespace
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .access import choose_level
+from .access import choose_level, level_edges
 from .catalog import COLUMNS, catalog
 from .direct import open_direct
 from .labels import find_label_maps, open_labels, read_label_level
@@ -54,7 +55,10 @@ class MistDataset:
     plane; every selected image must have at least k levels). ``size=n``
     chooses a level per image, as :func:`mist_zarr.open` does: the smallest
     whose shorter in-plane edge is still >= n, or with ``below`` the largest
-    whose edge is <= n. Neither: level 0.
+    whose edge is <= n; an image no level fits (smaller than n, or with
+    ``below`` larger at its smallest level) is read at its nearest level,
+    with a warning when the dataset is made, rather than refused (a
+    collection mixes sizes). Neither: level 0.
 
     ``filter`` selects images: a callable taking a catalog row (a pandas
     Series) and returning a bool, or a :meth:`pandas.DataFrame.query` string
@@ -99,8 +103,9 @@ class MistDataset:
 
         if scale is not None and size is not None:
             raise ValueError("give scale or size, not both")
-        if scale is not None and scale < 0:
-            raise ValueError(f"scale must be >= 0, found {scale}")
+        if scale is not None and (isinstance(scale, bool) or not float(scale).is_integer()
+                                  or scale < 0):
+            raise ValueError(f"scale must be a level (a whole number >= 0), found {scale!r}")
         if size is not None and size < 1:
             raise ValueError(f"size must be a positive number of pixels, found {size}")
         self.root = location(dataset)
@@ -132,6 +137,8 @@ class MistDataset:
             masks = find_label_maps(self.root, self.storage_options)
             self._rows = [{**row, "mask_path": m} for row in self._rows
                           for m in masks.get(row["path"], [])]
+        if size is not None:
+            self._warn_unmet_size()
         self._images: OrderedDict[str, tuple[OpenedImage, Rescale | None]] = OrderedDict()
         self._lock = threading.Lock()
         self._pid = self._maker = os.getpid()
@@ -145,7 +152,7 @@ class MistDataset:
         row = self._rows[i]
         image, factor = self._image(row["path"])
         info = image.info
-        k = choose_level(info, scale=self.scale, size=self.size, below=self.below)
+        k = choose_level(info, scale=self.scale, size=self.size, below=self.below, clamp=True)
         threads = self.threads or (None if os.getpid() == self._maker else 1)
         values = info.values.decode(image.read(k, threads=threads))
         item = {
@@ -191,11 +198,8 @@ class MistDataset:
 
     def level(self, i: int) -> int:
         """The level item ``i`` is read at, from the catalog (no I/O)."""
-        row = self._rows[self._position(i)]
-        shim = SimpleNamespace(
-            dims=tuple(row["dims"]), levels=int(row["levels"]),
-            level_shape=lambda k: level_shape(row["shape"], row["dims"], k))
-        return choose_level(shim, scale=self.scale, size=self.size, below=self.below)
+        return choose_level(_catalog_info(self._rows[self._position(i)]), scale=self.scale,
+                            size=self.size, below=self.below, clamp=True)
 
     def item_shape(self, i: int) -> tuple[int, ...]:
         """Shape of item ``i``'s image, from the catalog (no I/O): for bucketing by size."""
@@ -203,6 +207,19 @@ class MistDataset:
         return tuple(int(n) for n in level_shape(row["shape"], row["dims"], self.level(i)))
 
     # -- internals --------------------------------------------------------------
+    def _warn_unmet_size(self) -> None:
+        """Say which images no level fits ``size`` (they are read at the nearest level)."""
+        unmet = [row["path"] for row in self._rows
+                 if (level_edges(_catalog_info(row))[-1] > self.size if self.below
+                     else level_edges(_catalog_info(row))[0] < self.size)]
+        if unmet:
+            warnings.warn(
+                f"MistDataset size={self.size}{', below' if self.below else ''}: "
+                f"{len(unmet)} image(s) have no level with a shorter edge "
+                f"{'<=' if self.below else '>='} {self.size} and are read at their "
+                f"{'smallest level' if self.below else 'level 0'} (e.g. {unmet[0]!r}); "
+                f"item['level'] and item_shape(i) say which", UserWarning, stacklevel=3)
+
     def _position(self, i: int) -> int:
         n = len(self._rows)
         i = int(i)
@@ -245,3 +262,9 @@ class MistDataset:
             while len(self._images) > _OPEN_IMAGES:
                 self._images.popitem(last=False)
         return image, factor
+
+
+def _catalog_info(row: Mapping[str, Any]) -> Any:
+    """What :func:`choose_level` needs of an image, from its catalog row (no I/O)."""
+    return SimpleNamespace(dims=tuple(row["dims"]), levels=int(row["levels"]),
+                           level_shape=lambda k: level_shape(row["shape"], row["dims"], k))

@@ -50,9 +50,10 @@ from .format import (
     ImageInfo,
     IncompleteImageError,
     chunk_crc,
+    not_an_image,
 )
 from .prefix_cache import PrefixCache
-from .storage import open_source_store, supports_sync_io
+from .storage import no_group, open_source_store, supports_sync_io
 from .store import MultiscaleStore, source_identity
 
 __all__ = ["ChecksumError", "OpenedImage", "open_direct"]
@@ -362,17 +363,17 @@ def open_direct(source: Any, *, storage_options: Mapping[str, Any] | None = None
     else:  # one round trip for both documents
         docs = reader.get_many(["zarr.json", f"{INDEX}/zarr.json"])
     if docs[0] is None:
-        raise FileNotFoundError(f"{where}: no zarr.json: not a zarr group")
+        raise no_group(source, where)
     ident = reader.identity()
     key = None if ident is None else (*ident, hashlib.sha256(docs[0]).digest())
     hit = _parsed(key)
     if hit is not None:
         return OpenedImage(where, hit.info, hit.index, reader, _parsed=hit)
     try:
-        attrs = json.loads(docs[0]).get("attributes", {}).get(ATTR)
+        group_attrs = json.loads(docs[0]).get("attributes", {})
     except ValueError as exc:
         raise ValueError(f"{where}: zarr.json is not valid JSON: {exc}") from None
-    info = image_info(attrs, where, allow_incomplete)
+    info = image_info(group_attrs.get(ATTR), where, allow_incomplete, group_attrs)
     if reader.local:
         docs[1] = reader.get(f"{INDEX}/zarr.json")
     if info.complete or docs[1] is not None:
@@ -390,11 +391,13 @@ def open_direct(source: Any, *, storage_options: Mapping[str, Any] | None = None
     return OpenedImage(where, info, index, reader, _parsed=entry)
 
 
-def image_info(attrs: Mapping[str, Any] | None, where: str, allow_incomplete: bool) -> ImageInfo:
+def image_info(attrs: Mapping[str, Any] | None, where: str, allow_incomplete: bool,
+               group_attrs: Mapping[str, Any] | None = None) -> ImageInfo:
     """The :class:`ImageInfo` of a group's ``mist`` attribute; errors for a group that is
-    not a mist-zarr image, or (unless ``allow_incomplete``) not completely written."""
+    not a mist-zarr image (saying what it is, from all its ``group_attrs``), or (unless
+    ``allow_incomplete``) not completely written."""
     if attrs is None:
-        raise ValueError(f"{where}: not a mist-zarr image: the group has no {ATTR!r} attribute")
+        raise not_an_image(where, group_attrs or {})
     info = ImageInfo.from_json(attrs, where=where)
     if not info.complete and not allow_incomplete:
         raise IncompleteImageError(

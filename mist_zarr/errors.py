@@ -53,6 +53,10 @@ class ConversionError(MistZarrError):
     """A source cannot be converted; the message names it and says why."""
 
 
+class AlreadyConvertedError(ConversionError):
+    """The image is already completely in the dataset and was not asked to be replaced."""
+
+
 class DicomError(ConversionError):
     """A DICOM file or series that cannot be read losslessly and unambiguously."""
 

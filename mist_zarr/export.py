@@ -25,9 +25,10 @@ from .converters.base import ExportResult, StoredImage
 from .converters.dicom import export_dicom
 from .converters.dicom.seg import write_seg
 from .errors import ConversionError, ExportError, MistZarrError
+from .format import ATTR, not_an_image
 from .labels import LabelInfo, false_colour, is_label_group, open_labels, read_label_level
 from .reader import open_image
-from .storage import get_json, join_location, location, open_source_store
+from .storage import get_json, join_location, location, no_group, open_source_store
 from .store import MultiscaleStore
 
 __all__ = ["EXPORTS", "ExportError", "ExportResult", "allowed_exports", "export"]
@@ -144,9 +145,14 @@ def export(
         raise ExportError(f"unknown export format {format!r}; expected dicom, nifti, png or jpeg")
     # the image is opened once: its store, group and levels are shared by every step
     physical = open_source_store(store)
-    attrs = get_json(physical, "zarr.json") or {}
-    if is_label_group(attrs.get("attributes", {})):
+    doc = get_json(physical, "zarr.json")
+    if doc is None:
+        raise no_group(store, str(store))
+    attrs = doc.get("attributes", {})
+    if is_label_group(attrs):
         return _export_labels(store, physical, Path(out), fmt, scale, size, colour)
+    if ATTR not in attrs:
+        raise not_an_image(str(store), attrs)
     group, info = open_image(physical)
     allowed = allowed_exports(info.source_format)
     if fmt not in allowed:
@@ -156,7 +162,7 @@ def export(
             f"{', '.join(allowed)}); making {fmt} from {info.source_format} would invent "
             "metadata the source never had"
         )
-    k = choose_level(info, scale=scale, size=size)
+    k = choose_level(info, scale=scale, size=size, source=store)
     values = open_level(MultiscaleStore(physical), scale=k).values
     exporter, takes = _EXPORTERS[fmt]
     options = {"format": fmt, "window": window, "bits": bits, "uncompressed": uncompressed,
@@ -174,7 +180,7 @@ def _export_labels(source: Any, physical: Any, out: Path, fmt: str, scale: int |
         raise ExportError(f"{source}: a label map exports to dicom (SEG), nifti or png, "
                           f"not {fmt}")
     info = labels.geometry
-    k = choose_level(info, scale=scale, size=size)
+    k = choose_level(info, scale=scale, size=size, source=source)
     values = read_label_level(group, k)
     if fmt == "dicom":
         return _export_seg(source, labels, k, values, out)

@@ -26,17 +26,32 @@ __all__ = [
     "SOURCE_FORMATS",
     "TMP_DIR",
     "DONE_DIR",
+    "DATASET_ATTR",
     "ImageInfo",
     "chunk_crc",
     "IncompleteImageError",
     "default_affine",
+    "not_an_image",
 ]
 
 FORMAT_VERSION = 1
 # Bookkeeping folders at a dataset root (not zarr nodes; readers and verify skip them):
 TMP_DIR = ".mist-tmp"  # images being written; renamed into place when complete
 DONE_DIR = ".mist-done"  # one marker per converted source unit, written last
+DATASET_ATTR = "mist_dataset"  # the group attribute that marks a dataset root (written by convert)
+
 ATTR = "mist"
+
+
+def not_an_image(where: str, attributes: Mapping[str, Any]) -> ValueError:
+    """The error for a zarr group at ``where`` without ``mist`` attributes: says what it is
+    instead when it is a dataset root."""
+    if DATASET_ATTR in attributes:
+        return ValueError(f"{where}: is a mist-zarr dataset root, not an image: list its images "
+                          f"with `mist-zarr ls {where}` and open one by its path below the root")
+    return ValueError(f"{where}: not a mist-zarr image: the group has no {ATTR!r} attribute")
+
+
 IMAGE = "image"
 INDEX = "index"
 CHECKSUM = "checksum"

@@ -27,7 +27,8 @@ def open_image(
     finished, unless ``allow_incomplete``.
     """
     group = open_group(source, storage_options=storage_options)
-    return group, image_info(group.attrs.get(ATTR), str(source), allow_incomplete)
+    attrs = dict(group.attrs)
+    return group, image_info(attrs.get(ATTR), str(source), allow_incomplete, attrs)
 
 
 def member(group: zarr.Group, name: str) -> zarr.Array:

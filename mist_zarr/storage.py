@@ -24,6 +24,7 @@ import zarr
 from zarr.abc.store import Store, _store_supports_sync_io
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.errors import GroupNotFoundError
 from zarr.storage import FsspecStore, LocalStore, StorePath
 
 # Stored chunks use the codec name "imagecodecs_htj2k"; zarr finds it only
@@ -40,6 +41,7 @@ __all__ = [
     "join_location",
     "local_dir",
     "location",
+    "no_group",
     "open_group",
     "open_source_store",
     "replace_bytes",
@@ -97,7 +99,24 @@ def open_group(source: Any, *, mode: str = "r",
     ``mode`` is zarr's; every mode but ``"r"`` opens the store writable.
     """
     store, prefix = resolve(source, storage_options, read_only=mode == "r")
-    return zarr.open_group(StorePath(store, prefix), mode=mode, zarr_format=3, **kwargs)
+    try:
+        return zarr.open_group(StorePath(store, prefix), mode=mode, zarr_format=3, **kwargs)
+    except GroupNotFoundError:
+        raise no_group(source, str(source)) from None
+
+
+def no_group(source: Any, where: str) -> FileNotFoundError:
+    """The error for ``source`` holding no zarr group: a local path that does not exist,
+    or a folder or file of sources that must be converted first."""
+    if _is_path(source):
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            return FileNotFoundError(f"{where}: does not exist")
+        return FileNotFoundError(
+            f"{where}: not a zarr group (no zarr.json), so neither a mist-zarr image nor a "
+            f"dataset root; if it holds source files (DICOM, NIfTI, PNG, ...), convert them "
+            f"first: mist-zarr convert {where} DATASET")
+    return FileNotFoundError(f"{where}: no zarr.json: not a zarr group")
 
 
 def location(source: Any) -> str:

@@ -39,10 +39,10 @@ from zarr.storage import FsspecStore, LocalStore, ObjectStore, StorePath
 
 from .codestream import is_boundary
 from .errors import PrefixError
-from .format import ATTR, IMAGE, INDEX, ImageInfo, IncompleteImageError
+from .format import ATTR, IMAGE, INDEX, ImageInfo, IncompleteImageError, not_an_image
 from .layout import codec_config
 from .prefix_cache import PrefixCache
-from .storage import forget_listings, open_source_store, supports_sync_io
+from .storage import forget_listings, no_group, open_source_store, supports_sync_io
 
 __all__ = ["MultiscaleStore", "PrefixError", "forget_listings", "open_source_store",
            "source_identity"]
@@ -59,8 +59,15 @@ def _json(doc: Mapping[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def _group_doc(attributes: Mapping[str, Any]) -> bytes:
-    return _json({"zarr_format": 3, "node_type": "group", "attributes": dict(attributes)})
+def _group_doc(attributes: Mapping[str, Any],
+               members: Mapping[str, bytes] | None = None) -> bytes:
+    doc: dict[str, Any] = {"zarr_format": 3, "node_type": "group", "attributes": dict(attributes)}
+    if members is not None:
+        # zarr-python's inline consolidated metadata (not in the v3 spec; readers that do
+        # not know it ignore it): xarray's default open reads it instead of warning
+        doc["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": {
+            name: json.loads(member) for name, member in members.items()}}
+    return _json(doc)
 
 
 def _array_doc(shape, chunks, dtype, codecs, dims, fill_value=0, attributes=None) -> bytes:
@@ -304,12 +311,12 @@ class MultiscaleStore(Store):
         proto = default_buffer_prototype()
         raw = await self._physical.get("zarr.json", proto)
         if raw is None:
-            raise FileNotFoundError(f"{self._source}: no zarr.json: not a zarr group")
+            raise no_group(self._source, str(self._source))
         raw = raw.to_bytes()
         doc = json.loads(raw)
         attrs = doc.get("attributes", {}).get(ATTR)
         if attrs is None:
-            raise ValueError(f"{self._source}: not a mist-zarr image (no {ATTR!r} attribute)")
+            raise not_an_image(str(self._source), doc.get("attributes", {}))
         info = ImageInfo.from_json(attrs, where=str(self._source))
         if not info.complete:
             raise IncompleteImageError(
@@ -350,7 +357,6 @@ class MultiscaleStore(Store):
         ome = ome_multiscales(info)
         if ome is not None:
             root_attrs["ome"] = ome
-        meta["zarr.json"] = _group_doc(root_attrs)
         image_attrs = {}
         if info.values.kind == "quantized":
             # CF attributes: xarray decodes them to the caller's values.
@@ -361,7 +367,6 @@ class MultiscaleStore(Store):
                 "spacing": list(info.level_spacing(k)),
                 "affine": info.level_affine(k).tolist(),
             }
-            meta[f"s{k}/zarr.json"] = _group_doc({ATTR: level_attrs})
             shape = info.level_shape(k)
             meta[f"s{k}/{IMAGE}/zarr.json"] = _array_doc(
                 shape, info.level_chunks(k), info.stored_dtype,
@@ -378,6 +383,10 @@ class MultiscaleStore(Store):
                     attributes={"units": unit, "long_name": f"{d} position from the first sample"},
                 )
                 meta[f"s{k}/{d}/c/0"] = coords.tobytes()
+            meta[f"s{k}/zarr.json"] = _group_doc({ATTR: level_attrs})
+        meta["zarr.json"] = _group_doc(root_attrs, {
+            key[: -len("/zarr.json")]: doc for key, doc in meta.items()
+            if key.endswith("/zarr.json")})
         return meta
 
     # -- the key map ----------------------------------------------------------

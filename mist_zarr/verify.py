@@ -14,11 +14,16 @@ the prefix boundary of every level-k read but not the samples).
 
 from __future__ import annotations
 
+import contextlib
 import json
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +40,6 @@ from .reader import read_image
 from .storage import get_bytes, open_group
 
 __all__ = ["VerifyReport", "verify", "verify_image"]
-
-# fork() of a process running zarr's event-loop thread can deadlock; forkserver
-# starts workers from a clean, single-threaded server.
-_CONTEXT = multiprocessing.get_context("forkserver")
-
 
 def _damaged(image: str, where: str, problem: str) -> SourceIssue:
     """One thing wrong with ``image``, located by ``where``: a chunk key,
@@ -206,45 +206,166 @@ def _find_images(root: Path) -> list[Path]:
     return sorted(images)
 
 
-def _verify_one(args: tuple[str, bool]) -> VerifyReport:
-    return verify_image(args[0], levels=args[1])
-
-
 def verify(path: str | os.PathLike, *, levels: bool = False, source: Any = None,
            workers: int | None = None) -> VerifyReport:
-    """Verify one image, or every image of a dataset root, in parallel processes.
+    """Verify one image, or every image of a dataset root, in worker processes.
 
-    Each image is decoded in a worker process, so a decoder crash on damaged
-    data is reported against that image instead of taking the run down.
-    With ``source`` the images are compared with the files they came from.
+    Each image is decoded in a separate Python process (``python -c``, not
+    :mod:`multiprocessing`, so the caller's script is never re-run and needs
+    no ``if __name__ == "__main__"`` guard), so a decoder crash on damaged
+    data is reported against that image instead of taking the run down. If
+    no worker process can start, the images are verified in threads of this
+    process instead, with a warning. With ``source`` the images are compared
+    with the files they came from. A path that does not exist raises
+    :class:`FileNotFoundError`.
     """
     root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: does not exist")
     images = [root] if _is_image(root) else _find_images(root)
     report = VerifyReport()
     if not images:
         report.findings.append(_damaged(str(root), "zarr.json", "no mist-zarr image found here"))
         return report
     workers = max(1, min(workers or os.cpu_count() or 1, len(images)))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_CONTEXT) as pool:
-        futures = {str(im): pool.submit(_verify_one, (str(im), levels)) for im in images}
-        for name, fut in futures.items():
-            try:
-                report.merge(fut.result())
-            except BrokenProcessPool:  # a crash takes the pool down: isolate what is left
-                report.merge(_isolated(name, levels))
+    for one in _verify_isolated([str(im) for im in images], levels, workers):
+        report.merge(one)
     if source is not None:
         report.merge(_compare_sources(root, images, source))
     return report
 
 
-def _isolated(name: str, levels: bool) -> VerifyReport:
-    """Verify in a child process; a crash becomes a finding."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=_CONTEXT) as pool:
+class _WorkerUnavailable(RuntimeError):
+    """A worker process exited before it was ready to verify anything."""
+
+
+class _Worker:
+    """One ``python -c`` child verifying images sent on stdin, one JSON line each.
+
+    The child answers on a duplicate of its stdout (its own stdout goes to
+    stderr, so a library's print cannot corrupt the protocol); stderr is kept
+    in a temporary file for the message when it dies.
+    """
+
+    def __init__(self) -> None:
+        # the mist_zarr this process runs, also when only its sys.path finds it
+        here = str(Path(__file__).resolve().parents[1])
+        code = (f"import sys\nif {here!r} not in sys.path: sys.path.insert(0, {here!r})\n"
+                "from mist_zarr.verify import _serve\n_serve()")
+        self.stderr = tempfile.TemporaryFile()
         try:
-            return pool.submit(_verify_one, (name, levels)).result()
-        except BrokenProcessPool:
-            return VerifyReport(images=1, findings=[_damaged(
-                name, IMAGE, "the decoder crashed on this image's data (damaged chunk)")])
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=self.stderr, text=True)
+        except OSError as exc:
+            self.stderr.close()
+            raise _WorkerUnavailable(f"{sys.executable}: {exc}") from exc
+        if self.proc.stdout.readline().strip() != _READY:
+            raise _WorkerUnavailable(self.close())
+
+    def check(self, path: str, levels: bool) -> VerifyReport | None:
+        """The report for ``path``, or None if the child died verifying it."""
+        try:
+            self.proc.stdin.write(json.dumps({"path": path, "levels": levels}) + "\n")
+            self.proc.stdin.flush()
+            answer = self.proc.stdout.readline()
+        except OSError:
+            return None
+        if not answer:
+            return None
+        doc = json.loads(answer)
+        if "error" in doc:
+            raise RuntimeError(f"verifying {path} failed: {doc['error']}")
+        return VerifyReport(images=doc["images"], chunks=doc["chunks"], findings=[
+            _damaged(image, where, problem) for image, where, problem in doc["findings"]])
+
+    def close(self) -> str:
+        """Stop the child; return how it ended (exit status and the end of its stderr)."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.proc.stdout.close()
+        self.stderr.seek(0)
+        tail = self.stderr.read()[-2000:].decode(errors="replace").strip()
+        self.stderr.close()
+        if code < 0:
+            try:
+                status = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                status = f"killed by signal {-code}"
+        else:
+            status = f"exit status {code}"
+        return f"{status}{': ' + tail.splitlines()[-1] if tail else ''}"
+
+
+_READY = "mist-zarr verify worker ready"
+
+
+def _serve() -> None:
+    """The worker's loop (run by :class:`_Worker` in the child process)."""
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    answers.write(_READY + "\n")
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            r = verify_image(request["path"], levels=request["levels"])
+            doc: dict[str, Any] = {"images": r.images, "chunks": r.chunks, "findings": [
+                [f.source, f.key, f.reason] for f in r.findings]}
+        except Exception as exc:  # a bug, not damage: the parent raises it
+            doc = {"error": repr(exc)}
+        answers.write(json.dumps(doc) + "\n")
+
+
+def _verify_isolated(images: list[str], levels: bool, workers: int) -> list[VerifyReport]:
+    """Reports in the order of ``images``, each from a worker process (see :func:`verify`)."""
+    todo = queue.SimpleQueue()
+    for i, name in enumerate(images):
+        todo.put((i, name))
+    results: list[VerifyReport | None] = [None] * len(images)
+    unavailable: list[str] = []  # why a worker could not start: then none is tried again
+    in_process: list[str] = []
+
+    def run() -> None:
+        worker = None
+        try:
+            while True:
+                try:
+                    i, name = todo.get_nowait()
+                except queue.Empty:
+                    return
+                if worker is None and not unavailable:
+                    try:
+                        worker = _Worker()
+                    except _WorkerUnavailable as exc:
+                        unavailable.append(str(exc))
+                if worker is None:
+                    in_process.append(name)
+                    results[i] = verify_image(name, levels=levels)
+                    continue
+                found = worker.check(name, levels)
+                if found is None:  # the child died on this image's data
+                    how, worker = worker.close(), None
+                    found = VerifyReport(images=1, findings=[_damaged(
+                        name, IMAGE, f"the decoder crashed on this image's data (the verifying "
+                                     f"process died: {how})")])
+                results[i] = found
+        finally:
+            if worker is not None:
+                worker.close()
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for fut in [pool.submit(run) for _ in range(workers)]:
+            fut.result()
+    if unavailable:
+        warnings.warn(f"mist-zarr verify: no worker process could start ({unavailable[0]}); "
+                      f"verified {len(in_process)} image(s) in this process instead, without "
+                      "crash isolation", RuntimeWarning, stacklevel=3)
+    return [r for r in results if r is not None]
 
 
 def _compare_sources(root: Path, images: list[Path], source: Any) -> VerifyReport:

@@ -21,12 +21,47 @@ def cxr_like(tmp_path_factory):
 
 
 @pytest.mark.parametrize("size,below,edge", [(224, False, 256), (224, True, 128), (256, False, 256),
-                                             (1000, False, 1024), (5000, False, 1024),
-                                             (10, True, 64), (10, False, 64), (64, False, 64)])
+                                             (1000, False, 1024), (1024, False, 1024),
+                                             (64, True, 64), (5000, True, 1024),
+                                             (10, False, 64), (64, False, 64), (224.0, False, 256)])
 def test_size_picks_the_closest_level(cxr_like, size, below, edge):
     path, _ = cxr_like
     image = mist_zarr.open(path, size=size, below=below)
     assert image.shape == (edge, edge)
+
+
+@pytest.mark.parametrize("size,below", [(1025, False), (100000, False), (63, True), (10, True)])
+def test_a_size_no_level_meets_is_refused_naming_the_levels(cxr_like, size, below):
+    path, _ = cxr_like
+    edges = "s0: 1024, s1: 512, s2: 256, s3: 128, s4: 64"
+    with pytest.raises(ValueError, match=f"edge {'<=' if below else '>='} {size}.*{edges}"):
+        mist_zarr.open(path, size=size, below=below)
+    with pytest.raises(ValueError, match=edges):
+        mist_zarr.open(path, size=size, below=below, chunks={})
+    with pytest.raises(ValueError, match=edges):
+        mist_zarr.read_level([path], size=size, below=below)
+    info = mist_zarr.open_image(path)[1]
+    assert mist_zarr.choose_level(info, size=size, below=below, clamp=True) == (4 if below else 0)
+
+
+@pytest.mark.parametrize("scale", [1.5, 0.5, -1, 5, True, "2", 2 ** 40])
+def test_a_scale_that_is_no_level_is_refused_naming_the_levels(cxr_like, scale):
+    path, _ = cxr_like
+    with pytest.raises(ValueError, match=r"one of \[0, 1, 2, 3, 4\].*found"):
+        mist_zarr.open(path, scale=scale)
+
+
+@pytest.mark.parametrize("scale", [2, 2.0, np.int64(2)])
+def test_whole_number_scales_are_levels(cxr_like, scale):
+    path, _ = cxr_like
+    assert mist_zarr.open(path, scale=scale).shape == (256, 256)
+
+
+@pytest.mark.parametrize("size", [0, -3, 224.5, True])
+def test_a_size_that_is_no_pixel_count_is_refused(cxr_like, size):
+    path, _ = cxr_like
+    with pytest.raises(ValueError, match="positive whole number of pixels"):
+        mist_zarr.open(path, size=size)
 
 
 def test_open_returns_lazy_dataarray_with_geometry(cxr_like):
@@ -41,7 +76,7 @@ def test_open_returns_lazy_dataarray_with_geometry(cxr_like):
     assert isinstance(lazy.data, da.Array)
     np.testing.assert_array_equal(lazy.values, image.values)
     np.testing.assert_array_equal(mist_zarr.open(path).values, a)
-    with pytest.raises(ValueError, match="scale must be in 0..4"):
+    with pytest.raises(ValueError, match=r"scale must be a level of this image, one of \[0, 1"):
         mist_zarr.open(path, scale=5)
     with pytest.raises(ValueError, match="not both"):
         mist_zarr.open(path, scale=1, size=100)

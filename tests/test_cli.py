@@ -11,6 +11,8 @@ import pytest
 
 import mist_zarr
 
+from .conftest import shared
+
 
 def run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "mist_zarr.cli", *args], capture_output=True,
@@ -74,3 +76,108 @@ def test_lazy_names_are_the_functions_even_after_their_modules_load():
     assert set(mist_zarr.__all__) <= set(dir(mist_zarr))
     for name in mist_zarr.__all__:
         assert getattr(mist_zarr, name) is not None
+
+
+def _gradient_png(path):
+    """A real 8-bit grayscale PNG file (written by Pillow)."""
+    from PIL import Image
+
+    y, x = np.mgrid[:256, :320]
+    Image.fromarray(((x + 2 * y) % 256).astype(np.uint8)).save(path)
+    return path
+
+
+def test_info_ratio_is_against_the_source_dtype(tmp_path):
+    """A uint8 image is stored as int16 (headroom for the reduced levels): the lossless
+    ratio compares with the uint8 samples the source had, not the wider storage."""
+    a = np.add.outer(np.arange(300), np.arange(260)).astype(np.uint8)
+    info = mist_zarr.write_image(tmp_path / "u8.zarr", a)
+    assert info.stored_dtype == np.int16  # the case the ratio used to double
+    out = run("info", str(tmp_path / "u8.zarr"))
+    assert out.returncode == 0, out.stderr
+    raw, stored, ratio = re.search(r"raw ([\d,]+) bytes \(uint8\) -> stored ([\d,]+) bytes "
+                                   r"\(lossless ratio ([\d.]+) against the uint8 source\)",
+                                   out.stdout).groups()
+    index = mist_zarr.read_index(mist_zarr.open_image(tmp_path / "u8.zarr")[0])
+    assert int(raw.replace(",", "")) == a.nbytes
+    assert int(stored.replace(",", "")) == int(index[..., 0].sum())
+    assert ratio == f"{a.nbytes / int(index[..., 0].sum()):.2f}"
+
+
+def test_export_refuses_a_size_no_level_has(tmp_path):
+    mist_zarr.write_image(tmp_path / "a.zarr", np.ones((300, 200), np.uint16))
+    out = run("export", str(tmp_path / "a.zarr"), str(tmp_path / "png"), "--format", "png",
+              "--size", "100000")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "a.zarr" in out.stderr and ">= 100000" in out.stderr
+    assert "s0: 200, s1: 100, s2: 50" in out.stderr
+    assert not (tmp_path / "png").exists()
+
+
+def test_a_dataset_root_is_named_as_such_and_points_to_ls(tmp_path):
+    png = _gradient_png(tmp_path / "g.png")
+    assert run("convert", "-q", str(png), str(tmp_path / "ds")).returncode == 0
+    for args in (["info", str(tmp_path / "ds")],
+                 ["export", str(tmp_path / "ds"), str(tmp_path / "out"), "--format", "png"]):
+        out = run(*args)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert f"{tmp_path / 'ds'}: is a mist-zarr dataset root, not an image" in out.stderr
+        assert f"mist-zarr ls {tmp_path / 'ds'}" in out.stderr
+    for kwargs in ({}, {"chunks": {}}):
+        with pytest.raises(ValueError, match="dataset root.*mist-zarr ls"):
+            mist_zarr.open(tmp_path / "ds", **kwargs)
+
+
+def test_open_on_a_source_folder_points_to_convert(tmp_path):
+    dicom = shared("ct", "CRLM-CT-1004")
+    for kwargs in ({}, {"chunks": {}}):
+        with pytest.raises(FileNotFoundError, match=f"{dicom}: not a zarr group.*"
+                                                    f"mist-zarr convert {dicom} DATASET"):
+            mist_zarr.open(dicom, **kwargs)
+    out = run("info", str(dicom))
+    assert out.returncode == 2 and f"mist-zarr convert {dicom}" in out.stderr
+    with pytest.raises(FileNotFoundError, match="nope: does not exist"):
+        mist_zarr.open(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("what", ["empty folder", "text file", "missing"])
+def test_convert_with_nothing_to_convert_fails_and_creates_nothing(tmp_path, what):
+    src = tmp_path / "src"
+    if what == "empty folder":
+        src.mkdir()
+    elif what == "text file":
+        src = tmp_path / "notes.txt"
+        src.write_text("not an image\n")
+    out = run("convert", "-q", str(src), str(tmp_path / "dest"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert str(src) in out.stderr
+    assert ("no such file" if what == "missing" else "nothing to convert") in out.stderr
+    if what == "text file":
+        assert "notes.txt: not a DICOM, NIfTI, PNG, JPEG or TIFF file" in out.stderr
+    assert not (tmp_path / "dest").exists()
+
+
+def test_a_refused_rerun_is_no_recorded_failure(tmp_path):
+    png = _gradient_png(tmp_path / "g.png")
+    assert run("convert", "-q", str(png), str(tmp_path / "ds")).returncode == 0
+    again = run("convert", "-q", str(png), str(tmp_path / "ds"))
+    assert again.returncode == 1 and "already converted" in again.stdout  # the run's error
+    failures = run("ls", "--failures", str(tmp_path / "ds"))
+    assert failures.returncode == 0 and failures.stdout.strip() == "no failures recorded"
+    # a source that really fails is still recorded
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(png.read_bytes()[:200])
+    run("convert", "-q", str(bad), str(tmp_path / "ds"))
+    listed = run("ls", "--failures", str(tmp_path / "ds"))
+    assert "bad.png" in listed.stdout and "g.png" not in listed.stdout
+
+
+def test_output_into_a_closed_pipe_is_not_an_error(tmp_path):
+    """`mist-zarr info x | head -1`: the reader leaves before mist-zarr writes."""
+    mist_zarr.write_image(tmp_path / "a.zarr", np.ones((300, 200), np.uint16))
+    proc = subprocess.Popen([sys.executable, "-m", "mist_zarr.cli", "info", str(tmp_path / "a.zarr")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before it prints anything (imports take far longer)
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141  # 128 + SIGPIPE, as a shell reports `head`'s writer
+    assert stderr == ""

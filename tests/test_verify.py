@@ -117,3 +117,74 @@ def test_read_image_refuses_a_damaged_chunk(image):
     with pytest.raises(mist_zarr.ChecksumError, match=r"chunk \(2, 0, 0\)"):
         mist_zarr.read_image(image)
     assert mist_zarr.read_image(image, verify=False).shape == (6, 300, 260)
+
+
+def _damaged_dataset(root, phantom):
+    """A dataset root with one clean image and one whose chunk 2 has a flipped byte."""
+    mist_zarr.write_image(root / "clean.zarr", phantom)
+    mist_zarr.write_image(root / "bad.zarr", phantom)
+    data = bytearray(chunk(root / "bad.zarr", 2).read_bytes())
+    data[len(data) // 2] ^= 0x40
+    chunk(root / "bad.zarr", 2).write_bytes(bytes(data))
+
+
+_SCRIPT = """import json
+from mist_zarr.verify import verify
+{body}
+"""
+_CALL = ("r = verify({root!r}, workers={workers})\n"
+         "print('VERDICT', json.dumps([r.ok, sorted((f.source, f.key) for f in r.findings)]))")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_verdict_is_the_same_from_scripts_exec_and_cli(tmp_path, phantom, workers):
+    """Unguarded and guarded scripts (run as ``python x.py``, which multiprocessing's
+    spawn / forkserver workers would re-run), notebook-style exec and the CLI agree."""
+    root = tmp_path / "ds"
+    _damaged_dataset(root, phantom)
+    call = _CALL.format(root=str(root), workers=workers)
+    # the unguarded script also writes a file, as the docs' examples do: re-running it fails
+    unguarded = _SCRIPT.format(body=f"open('out.txt', 'x').write('once')\n{call}")
+    guarded = _SCRIPT.format(body="def main():\n    " + call.replace("\n", "\n    ")
+                             + "\nif __name__ == '__main__':\n    main()")
+    verdicts = []
+    for name, text in [("unguarded.py", unguarded), ("guarded.py", guarded)]:
+        (tmp_path / name).write_text(text)
+        run = subprocess.run([sys.executable, name], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+        verdicts.append(json.loads(run.stdout.split("VERDICT", 1)[1]))
+        (tmp_path / "out.txt").unlink(missing_ok=True)
+    exec_run = subprocess.run(
+        [sys.executable, "-c", f"exec(compile({unguarded!r}, '<cell>', 'exec'), {{}})"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    verdicts.append(json.loads(exec_run.stdout.split("VERDICT", 1)[1]))
+    cli = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "verify", str(root), "--json",
+                          "--workers", str(workers)], capture_output=True, text=True, timeout=120)
+    doc = json.loads(cli.stdout)
+    verdicts.append([doc["ok"], sorted([f["image"], f["where"]] for f in doc["findings"])])
+    expected = [False, [[str(root / "bad.zarr"), "image/c/2/0/0"]]]
+    assert cli.returncode == 1
+    assert verdicts == [expected] * 4
+
+
+def test_a_worker_that_cannot_start_is_not_damage(tmp_path, phantom, monkeypatch):
+    """An interpreter that cannot run the worker (here: one that exits at once) is a
+    warning and an in-process verification, never a finding against the data."""
+    root = tmp_path / "ds"
+    _damaged_dataset(root, phantom)
+    monkeypatch.setattr(sys, "executable", shutil.which("false"))
+    with pytest.warns(RuntimeWarning, match="no worker process could start.*exit status 1"):
+        report = verify(root, workers=2)
+    assert not report.ok and report.images == 2
+    assert [(f.source, f.key) for f in report.findings] == [(str(root / "bad.zarr"),
+                                                            "image/c/2/0/0")]
+    assert "checksum" in report.findings[0].reason
+
+
+def test_verify_a_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        verify(tmp_path / "nope")
+    cli = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "verify", str(tmp_path / "nope")],
+                         capture_output=True, text=True)
+    assert cli.returncode == 2 and "does not exist" in cli.stderr and "BAD" not in cli.stdout

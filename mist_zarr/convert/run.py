@@ -17,8 +17,8 @@ from ..catalog import CATALOG, FAILURES, update_catalog, update_failures
 from ..converters.base import DEFAULT_MAX_BYTES
 from ..converters.dicom import forget_headers
 from ..converters.sources import Unit, plan
-from ..errors import SourceIssue
-from ..format import FORMAT_VERSION
+from ..errors import ConversionError, SourceIssue
+from ..format import DATASET_ATTR, FORMAT_VERSION
 from ..layout import DEFAULT_ALPHA
 from .distributed import run_distributed
 from .labels import _MASK_NAME
@@ -26,12 +26,11 @@ from .local import run_local
 from .report import ConvertReport, SeriesResult, issue_json
 from .scratch import clean_scratch, local_root
 from .root import open_root
-from .unit import Options
+from .unit import Options, finished
 
 __all__ = ["DATASET_ATTR", "DEFAULT_BATCH_BYTES", "convert"]
 
 DEFAULT_BATCH_BYTES = 256 << 20  # larger DICOM stacks are read and written in slice batches
-DATASET_ATTR = "mist_dataset"
 
 
 def convert(
@@ -77,13 +76,16 @@ def convert(
         "://" not in str(dest) else None
     dest = str(dest) if isinstance(dest, os.PathLike) else dest
     report = ConvertReport(dest=str(dest))
+    # the sources first: a missing source or one with nothing to convert creates no dataset
+    units, problems = plan(src, exclude=exclude)
+    if not units and all(p.kind == "skipped" for p in problems):
+        raise ConversionError(_nothing_to_convert(src, problems))
     root = open_root(dest, storage_options)
     if DATASET_ATTR not in root.attrs:
         root.attrs[DATASET_ATTR] = {"format": "mist-zarr-dataset", "format_version": FORMAT_VERSION}
     local = local_root(root)
     if local is not None:
         clean_scratch(local)
-    units, problems = plan(src, exclude=exclude)
     # images before masks: a mask is aligned to, and linked with, an image already stored
     units.sort(key=lambda u: (u.kind != "dicom", _maybe_labels(u, labels)))
     report.problems += problems
@@ -104,6 +106,15 @@ def convert(
     _update_failures(root, report, units, options.run)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _nothing_to_convert(src: Any, skipped: list[SourceIssue]) -> str:
+    names = [os.fspath(s) for s in ([src] if isinstance(src, (str, os.PathLike)) else src)]
+    found = (f"{len(skipped)} file(s) skipped, none an image: "
+             + "; ".join(f"{p.source}: {p.reason}" for p in skipped[:3])
+             + ("; ..." if len(skipped) > 3 else "")) if skipped else "no files"
+    return (f"nothing to convert in {', '.join(names)}: no DICOM, NIfTI, PNG, JPEG or TIFF "
+            f"image found ({found}); no dataset was created")
 
 
 def _maybe_labels(unit: Unit, labels: bool | str | None) -> bool:
@@ -138,10 +149,19 @@ def _run(units: list[Unit], dest: Any, options: Options, workers: int | None,
 
 
 def _update_failures(root: zarr.Group, report: ConvertReport, units: list[Unit], run: str) -> None:
-    """Record this run's refused/failed sources in failures.csv next to the catalog."""
+    """Record this run's refused/failed sources in failures.csv next to the catalog.
+
+    The table lists sources that are not (completely) in the dataset: a unit
+    whose completion marker and images are there (a rerun refused to replace
+    it, or a replacement failed and left it as it was) is this run's error,
+    printed in its report, not a failed source of the dataset.
+    """
     now = datetime.now(UTC).isoformat(timespec="seconds")
     seen = {u.key for u in units} | {str(Path(f).resolve()) for u in units for f in u.files}
-    rows = [{**issue_json(p), "run": run, "time": now} for p in report.problems]
+    failed = {p.key for p in report.failed}
+    stored = {u.key for u in units if u.key in failed and finished(root, u) is not None}
+    rows = [{**issue_json(p), "run": run, "time": now} for p in report.problems
+            if p.key not in stored]
     try:
         update_failures(root, rows, seen)
     except (OSError, ValueError, ImportError) as exc:

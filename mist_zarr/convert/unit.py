@@ -18,7 +18,7 @@ from zarr.storage import StorePath
 
 from ..converters.base import SourceImage
 from ..converters.sources import Unit, label, read_unit_images
-from ..errors import ConversionError, SourceIssue
+from ..errors import AlreadyConvertedError, ConversionError, SourceIssue
 from ..format import ATTR, DONE_DIR, ImageInfo
 from ..writer import write_image
 from ..labels import LabelInfo, is_label_group
@@ -73,7 +73,7 @@ def _marker_key(root: zarr.Group, unit: Unit) -> str:
     return f"{root.store_path.path}/{marker}".strip("/")
 
 
-def _finished(root: zarr.Group, unit: Unit) -> list[SeriesResult] | None:
+def finished(root: zarr.Group, unit: Unit) -> list[SeriesResult] | None:
     """The unit's images if its marker says done and every one is still complete."""
     done = get_json(root.store_path.store, _marker_key(root, unit))
     if done is None:
@@ -92,9 +92,9 @@ def read_unit(unit: Unit, dest: Any, options: Options) -> UnitRead:
     """The reading half of :func:`run_unit`."""
     root = open_root(dest, options.storage_options)
     if options.skip_existing:
-        finished = _finished(root, unit)
-        if finished is not None:
-            return UnitRead(finished=finished)
+        done = finished(root, unit)
+        if done is not None:
+            return UnitRead(finished=done)
     try:
         return UnitRead(images=read_unit_images(unit, options.max_bytes, options.batch_bytes))
     except (ValueError, OSError) as exc:
@@ -147,8 +147,8 @@ def _write_one(root: zarr.Group, name: str, image: SourceImage, options: Options
                                 existing.dtype.name, bytes_in, 0, len(image.source_files),
                                 status="existing")
         if not options.overwrite:
-            raise ConversionError("already converted; pass overwrite (--overwrite) to replace "
-                                  "it or skip_existing (--skip-existing) to keep it")
+            raise AlreadyConvertedError("already converted; pass overwrite (--overwrite) to "
+                                        "replace it or skip_existing (--skip-existing) to keep it")
     parent = name.rsplit("/", 1)[0] if "/" in name else ""
     if parent:
         _require_group(root, parent)
@@ -184,8 +184,8 @@ def _write_labels(root: zarr.Group, name: str, image: SourceImage,
             if info.complete:
                 return SeriesResult(name, info.source_format, info.shape, info.dtype.name, 0, 0,
                                     len(image.source_files), status="existing")
-        raise ConversionError("already converted; pass overwrite (--overwrite) to replace "
-                              "it or skip_existing (--skip-existing) to keep it")
+        raise AlreadyConvertedError("already converted; pass overwrite (--overwrite) to replace "
+                                    "it or skip_existing (--skip-existing) to keep it")
     parent = name.rsplit("/", 1)[0] if "/" in name else ""
     if parent:
         _require_group(root, parent)
