@@ -16,7 +16,7 @@ from xarray.core import indexing
 from xarray.core.indexes import PandasIndex
 
 from .direct import OpenedImage, open_direct
-from .format import IMAGE, ImageInfo
+from .format import IMAGE, ImageInfo, slice_offsets
 from .labels import LABELS, LabelInfo, is_label_group, open_labels
 from .storage import open_source_store
 from .modality import Rescale, find_rescale, rescaled_dtype
@@ -202,6 +202,7 @@ def _rescale(image: OpenedImage) -> Rescale:
 def _coords(info: ImageInfo, k: int) -> tuple[dict[str, xr.Variable], dict[str, PandasIndex]]:
     """mm (or s) positions from the first sample along every axis but ``c``, indexed."""
     shape, spacing = info.level_shape(k), info.level_spacing(k)
+    offsets = slice_offsets(info)
     coords, indexes = {}, {}
     for axis, d in enumerate(info.dims):
         if d == "c":
@@ -209,21 +210,30 @@ def _coords(info: ImageInfo, k: int) -> tuple[dict[str, xr.Variable], dict[str, 
         values = np.arange(shape[axis], dtype="<f8") * spacing[axis]
         attrs = {"units": "mm" if d in "zyx" else "s",
                  "long_name": f"{d} position from the first sample"}
+        if d == "z" and offsets is not None:  # levels keep every slice: the same at every k
+            values = np.asarray(offsets, "<f8")
+            attrs["long_name"] = ("z position from the first slice: the slices' true "
+                                  "positions, not uniformly spaced")
         indexes[d] = PandasIndex(pd.Index(values), d)
         coords.update(indexes[d].create_variables({d: xr.Variable((d,), values, attrs)}))
     return coords, indexes
 
 
 def _attrs(info: ImageInfo, k: int, factor: Rescale | None) -> dict[str, Any]:
+    affine = np.asarray(info.level_affine(k))
+    uniform = slice_offsets(info) is None
     attrs = {
         "level": k,
         "levels": info.levels,
         "spacing": list(info.level_spacing(k)),
-        "affine": np.asarray(info.level_affine(k)),
+        # no affine maps indices to positions when the slices are not evenly spaced
+        "affine": affine if uniform else None,
         "source_format": info.source_format,
         "values": info.values.to_json(),
         "metadata": dict(info.metadata),
     }
+    if not uniform:
+        attrs["nominal_affine"] = affine  # the mean slice spacing: right only on average
     if factor is not None:
         attrs["rescale"] = factor.to_json()
     return attrs

@@ -185,3 +185,16 @@ class ImageInfo:
 
     def completed(self) -> "ImageInfo":
         return replace(self, complete=True)
+
+
+def slice_offsets(info: ImageInfo) -> list[float] | None:
+    """The slices' distances from the first (mm) when they are not evenly spaced, else None
+    (DICOM series with gaps or varying spacing record them as ``slice_offsets_mm``)."""
+    meta = info.metadata if isinstance(info.metadata, dict) else {}
+    offsets = meta.get("slice_offsets_mm")
+    if offsets is None or "z" not in info.dims:
+        return None
+    if len(offsets) != info.shape[info.dims.index("z")]:
+        raise ValueError(f"slice_offsets_mm holds {len(offsets)} positions for "
+                         f"{info.shape[info.dims.index('z')]} slices")
+    return [float(v) for v in offsets]

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ExportError
+from ..format import slice_offsets
 from ..modality import PHILIPS, PHILIPS_SCALINGS, Rescale, find_rescale, rescaled_dtype
 from ..reader import read_metadata
 from .base import (
@@ -228,6 +229,16 @@ def export(image: StoredImage, out: Path, *, intent: str | None = None,
         raise ExportError(f"philips_scaling must be one of {', '.join(PHILIPS_SCALINGS)}, "
                           f"found {philips_scaling!r}")
     info, k, data = image.info, image.level, image.values
+    offsets = slice_offsets(info)
+    if offsets is not None:
+        gaps = np.diff(offsets)
+        raise ExportError(
+            f"{image.source}: its {len(offsets)} slices are not evenly spaced (gaps "
+            f"{gaps.min():.4g} to {gaps.max():.4g} mm); a NIfTI volume has one slice spacing, "
+            "so the slices after an uneven gap would sit at wrong positions. (dcm2niix writes "
+            "such a stack as acquired, with a warning, plus an interpolated equidistant copy, "
+            "'_Eq_'; neither is the acquired geometry.) Export to DICOM, which keeps every "
+            "slice's position, or read it with mist_zarr.open, whose z coordinate holds them")
     notes: list[str] = []
     meta = info.metadata.get("nifti") if isinstance(info.metadata, dict) else None
     rescale = None if meta else _dicom_scaling(image, philips_scaling, notes)

@@ -135,6 +135,7 @@ class SliceLayout:
     gaps: np.ndarray
     tilt_deg: float
     warnings: list[str] = field(default_factory=list)
+    nonuniform: bool = False  # gaps differ beyond the tolerance: no one affine is exact
 
 
 def analyse_slice_positions(
@@ -191,13 +192,15 @@ def analyse_slice_positions(
         missing = int(sum(max(0, round(g / median) - 1) for g in gaps if g > 1.5 * median))
         text = (
             f"non-uniform slice spacing: gaps between {float(gaps.min()):.4f} and {float(gaps.max()):.4f} mm "
-            f"(median {median:.4f} mm); the affine uses the mean spacing {spacing:.4f} mm, "
-            "per-slice positions are kept in per_slice"
+            f"(median {median:.4f} mm); the true positions are the z coordinate of open(), "
+            f"the affine with the mean spacing {spacing:.4f} mm is nominal only, and NIfTI "
+            "export is refused (NIfTI has one spacing)"
         )
         if missing:
             text += f"; about {missing} slice(s) appear to be missing"
         warnings.append(text)
-    return SliceLayout(step=step, spacing=spacing, gaps=gaps, tilt_deg=tilt, warnings=warnings)
+    return SliceLayout(step=step, spacing=spacing, gaps=gaps, tilt_deg=tilt, warnings=warnings,
+                       nonuniform=deviation > max(0.01, 0.001 * median))
 
 
 def mosaic_grid(n_images: int, rows: int, cols: int) -> tuple[int, int, int]:

@@ -358,6 +358,7 @@ def _assemble(stack: _Stack, series: _SeriesRead) -> DicomVolume:
         stack_key=key,
         modality=_text(base.ds, "Modality"),
         name=suggest_name(base.ds, ref.uid or ref.key or base.path, key if series.split else ""),
+        slice_offsets=plan.slice_offsets,
     )
 
 

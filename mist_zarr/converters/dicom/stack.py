@@ -25,6 +25,8 @@ class _Plan:
     stack_key: str
     warnings: list[str]
     notes: list[str]
+    # slice distances from the first slice along the normal (mm), when not uniform
+    slice_offsets: list[float] | None = None
 
 
 def _group_frames(frames: list[_Frame]) -> list[list[_Frame]]:
@@ -161,8 +163,13 @@ def _plan_spatial(
             key,
             warnings_,
             [n for n in notes if n],
+            _offsets(layout) if layout.nonuniform else None,
         )
     ]
+
+
+def _offsets(layout: geom.SliceLayout) -> list[float]:
+    return [0.0] + [float(v) for v in np.cumsum(layout.gaps)]
 
 
 def _check_time_order(frames: list[_Frame], clusters: list[list[int]], label: str) -> str:

@@ -45,6 +45,7 @@ class DicomVolume:
     stack_key: str
     modality: str
     name: str
+    slice_offsets: list[float] | None = None  # see _Plan.slice_offsets
 
     @property
     def axis_units(self) -> tuple[str, ...]:
@@ -67,6 +68,8 @@ class DicomVolume:
             "transfer_syntaxes": self.transfer_syntaxes,
             "notes": self.notes,
         }
+        if self.slice_offsets is not None:
+            metadata["slice_offsets_mm"] = list(self.slice_offsets)
         return SourceImage(
             data=self.data,
             dims=self.dims,
