@@ -1,22 +1,29 @@
-"""Conversion benchmark: ``mist-zarr convert`` vs ``dcm2niix -z y``, side by side.
+"""Conversion benchmark: ``mist-zarr convert`` (1 and 2 workers) vs ``dcm2niix -z y``
+(with and without ``pigz``), side by side.
 
-Two inputs:
+Three inputs:
 
 (a) the shared CT series ``ct/CRLM-CT-1004`` (41 slices, 512 x 512 int16,
     uncompressed DICOM);
-(b) a synthetic tree of ``--copies`` copies each of ``ct/CRLM-CT-1004`` and
+(b) one long series of ``--long`` slices (default 1,000): the slices of (a)
+    repeated, each copy with a new SOPInstanceUID and ImagePositionPatient
+    continuing the slice spacing, all in one new series;
+(c) a synthetic tree of ``--copies`` copies each of ``ct/CRLM-CT-1004`` and
     ``ct/CRLM-CT-1006``, laid out as ``tree/copyNN/<series>/*.dcm``. Every copy
     is a distinct series: pydicom rewrites StudyInstanceUID, SeriesInstanceUID
     and SOPInstanceUID (and MediaStorageSOPInstanceUID) deterministically per
     copy (``generate_uid(entropy_srcs=[original UID, copy number])``) and
     suffixes PatientID with the copy number; pixel data is untouched.
 
-For each input the two converters run alternately (A B A B ...) for
+For each input the converters run alternately (A B C D A B C D ...) for
 ``--repeat`` rounds, each run into a fresh output directory:
 
-* A: ``mist-zarr convert IN OUT -q`` (default thread count: all cores);
-* B: ``dcm2niix -z y -o OUT IN`` (plain conversion; dcm2niix searches
-  sub-folders to depth 5 by default, so the tree converts whole).
+* ``mist-zarr convert IN OUT -q`` (one process, threads on all cores) and
+  ``mist-zarr convert IN OUT -q --workers 2`` (a local dask cluster);
+* ``dcm2niix -z y -o OUT IN`` with ``PATH`` holding no ``pigz`` (dcm2niix
+  then compresses in-process with zlib) and with the directory of ``pigz`` on
+  ``PATH`` (dcm2niix hands compression to it); dcm2niix searches sub-folders
+  to depth 5 by default, so the tree converts whole.
 
 Each run starts in a fresh ``python -c`` wrapper that launches the command and
 reports its wall time, the CPU time (user + system) of all its processes, and
@@ -28,25 +35,27 @@ files are read once before timing, so every run reads from the page cache.
 
 Output size is the sum of file sizes under OUT: everything for mist-zarr, and
 for dcm2niix the ``.nii.gz`` images with and without the ``.json`` sidecars.
-The targets are mist-zarr faster than dcm2niix (median wall time) and at
-least 1.4x smaller output than the ``.nii.gz`` images alone (the stricter of
-the two dcm2niix sizes). Each run is checked: exit status 0 and one output
+The targets (issue 16), at 2 workers: faster than ``dcm2niix -z y`` without
+pigz on every input, no slower than ``dcm2niix -z y`` with pigz on the tree,
+and output no larger than the raw HTJ2K size of the same slices + 1 %
+(``imagecodecs.htj2k_encode`` of every slice with the layout's parameters). Each run is checked: exit status 0 and one output
 image per series; for (a) the mist-zarr image read back with
 ``mist_zarr.read_image`` must equal the pydicom ``pixel_array`` stack of the
 input sorted by ImagePositionPatient z.
 
 Run from the repository root::
 
-    python benchmarks/bench_convert.py [--data DIR] [--copies 10] [--repeat 3]
-                                       [--workdir DIR] [--keep]
+    python benchmarks/bench_convert.py [--data DIR] [--copies 10] [--long 1000]
+                                       [--repeat 3] [--workdir DIR] [--keep]
 
-Needs ``dcm2niix`` (from PyPI, in the test extra). About 2 minutes on a
-2-core machine with the defaults.
+Needs ``dcm2niix`` (from PyPI, in the test extra) and, for the pigz rows,
+``pigz`` on PATH (Debian's ``pigz``; without it those rows are left out).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -71,10 +80,12 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("MIST_DATA", REPO.parent / "shared" / "data"))
 SINGLE = "ct/CRLM-CT-1004"
 TREE_SERIES = ("ct/CRLM-CT-1004", "ct/CRLM-CT-1006")
-TARGET_WALL = 1.0  # mist-zarr wall / dcm2niix wall must be below this
-TARGET_SIZE = 1.4  # dcm2niix .nii.gz bytes / mist-zarr bytes must be at least this
+TARGET_SIZE = 1.01  # mist-zarr output / raw HTJ2K bytes of the same slices, at most
 MB = 1e6
 MIST = "mist-zarr convert"
+MIST2 = "mist-zarr convert --workers 2"
+DCM = "dcm2niix -z y"
+DCM_PIGZ = "dcm2niix -z y + pigz"
 PACKAGES = ("mist-zarr", "zarr", "imagecodecs", "numpy", "pydicom", "dcm2niix")
 
 # Runs one command (argv as JSON in argv[1], output to the log file argv[2])
@@ -131,29 +142,33 @@ class Converter:
     makes_out: bool  # creates OUT itself (else OUT must exist)
     images: Callable[[Path], int]  # images written under OUT
     sizes: Callable[[Path], dict[str, int]]  # size figures under OUT
+    path: str | None = None  # PATH for the run (None: this process's)
 
 
-def mist_converter(exe: str) -> Converter:
+def mist_converter(exe: str, workers: int | None) -> Converter:
+    extra = [] if workers is None else ["--workers", str(workers)]
     return Converter(
-        MIST,
-        lambda src, out: [exe, "convert", str(src), str(out), "-q"],
+        MIST if workers is None else f"{MIST} --workers {workers}",
+        lambda src, out: [exe, "convert", str(src), str(out), "-q", *extra],
         makes_out=True,
         images=lambda out: len(mist_zarr.list_images(out)),
         sizes=lambda out: {"all": file_sizes(out)},
     )
 
 
-def dcm2niix_converter(exe: str) -> Converter:
+def dcm2niix_converter(exe: str, pigz: str | None, empty_dir: Path) -> Converter:
     def sizes(out: Path) -> dict[str, int]:
         nii = file_sizes(out, ".nii.gz")
         return {"all": nii + file_sizes(out, ".json"), "images": nii}
 
     return Converter(
-        "dcm2niix -z y",
+        DCM_PIGZ if pigz else DCM,
         lambda src, out: [exe, "-z", "y", "-o", str(out), str(src)],
         makes_out=False,
         images=lambda out: sum(1 for _ in out.rglob("*.nii.gz")),
         sizes=sizes,
+        # dcm2niix looks pigz up on PATH: a PATH of one empty folder hides it
+        path=str(Path(pigz).parent) if pigz else str(empty_dir),
     )
 
 
@@ -169,10 +184,11 @@ class Run:
     sizes: dict[str, int] = field(default_factory=dict)
 
 
-def measure(cmd: Sequence[str], log: Path, check: bool = True) -> Run:
+def measure(cmd: Sequence[str], log: Path, check: bool = True, path: str | None = None) -> Run:
     """Run ``cmd`` in a fresh wrapper process; fail loudly if it fails (and ``check``)."""
+    env = None if path is None else {**os.environ, "PATH": path}
     done = subprocess.run([sys.executable, "-c", WRAPPER, json.dumps(list(cmd)), str(log)],
-                          check=True, capture_output=True, text=True)
+                          check=True, capture_output=True, text=True, env=env)
     stats = json.loads(done.stdout)
     if check and stats["rc"] != 0:
         raise RuntimeError(f"{shlex.join(cmd)} exited with {stats['rc']}:\n{log.read_text()}")
@@ -196,6 +212,8 @@ class Case:
     series: int  # series (= expected output images) under src
     files: int
     bytes_in: int
+    raw_htj2k: int = 0
+    repeat: int = 0  # bytes of the slices as bare HTJ2K codestreams
     check: Callable[[Path], None] | None = None  # reads back the first mist-zarr output
 
 
@@ -205,15 +223,15 @@ def run_case(case: Case, converters: Sequence[Converter], repeat: int, runs_dir:
     results: dict[str, list[Run]] = {c.name: [] for c in converters}
     for r in range(repeat):
         for conv in converters:
-            out = runs_dir / f"{case.key}-{r}-{conv.name.split()[0]}"
+            out = runs_dir / f"{case.key}-{r}-{conv.name.replace(' ', '_')}"
             if not conv.makes_out:
                 out.mkdir(parents=True)
-            run = measure(conv.command(case.src, out), out.with_suffix(".log"))
+            run = measure(conv.command(case.src, out), out.with_suffix(".log"), path=conv.path)
             run.images = conv.images(out)
             if run.images != case.series:
                 raise AssertionError(f"{conv.name} wrote {run.images} images for {case.series} "
                                      f"series ({out})")
-            if r == 0 and conv.name == MIST and case.check is not None:
+            if r == 0 and conv.name.startswith(MIST) and case.check is not None:
                 case.check(out)
             run.sizes = conv.sizes(out)
             results[conv.name].append(run)
@@ -280,6 +298,40 @@ def build_tree(data: Path, copies: int, root: Path) -> int:
     return files
 
 
+def build_long(data: Path, slices: int, dest: Path) -> int:
+    """One series of ``slices`` slices: the slices of SINGLE repeated, new UIDs, z continued."""
+    source = sorted((pydicom.dcmread(p) for p in dicom_files(data / SINGLE)),
+                    key=lambda ds: float(ds.ImagePositionPatient[2]))
+    step = float(source[1].ImagePositionPatient[2]) - float(source[0].ImagePositionPatient[2])
+    series = copy_uid(source[0].SeriesInstanceUID, 9999)
+    z0 = float(source[0].ImagePositionPatient[2])
+    dest.mkdir(parents=True)
+    for i in range(slices):
+        ds = copy.deepcopy(source[i % len(source)])  # Dataset.copy() shares the elements
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = copy_uid(ds.SOPInstanceUID, 10000 + i)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        x, y, _ = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, round(z0 + i * step, 3)]  # DS holds 16 characters
+        ds.InstanceNumber = i + 1
+        ds.save_as(dest / f"IM{i:05d}.dcm")
+    return slices
+
+
+def raw_htj2k_bytes(series_dirs: Sequence[Path]) -> int:
+    """Bytes of every slice as one bare HTJ2K codestream with the layout's parameters."""
+    import imagecodecs
+
+    from mist_zarr.layout import encode_kwargs, num_levels
+
+    total = 0
+    for directory in series_dirs:
+        for path in dicom_files(directory):
+            plane = pydicom.dcmread(path).pixel_array
+            total += len(imagecodecs.htj2k_encode(plane, **encode_kwargs(num_levels(plane.shape))))
+    return total
+
+
 # -- report ---------------------------------------------------------------------------
 
 
@@ -344,9 +396,8 @@ def one_size(runs: Sequence[Run], key: str) -> int:
 
 def print_case(case: Case, results: dict[str, list[Run]], converters: Sequence[Converter],
                starts: dict[str, tuple[float, float]]) -> dict[str, bool]:
-    mist_runs, dcm_runs = (results[c.name] for c in converters)
     print(f"\n=== {case.label}: {case.series} series, {case.files} files, "
-          f"{mb(case.bytes_in)} MB of DICOM in, {len(mist_runs)} runs each")
+          f"{mb(case.bytes_in)} MB of DICOM in, {case.repeat} runs each")
     print("| converter | wall s, median (min-max) | CPU s | peak RSS MB | output MB "
           "| images | start-up s, MB |")
     print("|---|---|---|---|---|---|---|")
@@ -355,26 +406,34 @@ def print_case(case: Case, results: dict[str, list[Run]], converters: Sequence[C
         out = one_size(runs, "all")
         nii = one_size(runs, "images") if "images" in runs[0].sizes else None
         shown = f"{mb(out)} (.nii.gz {mb(nii)})" if nii is not None else mb(out)
+        start = starts[conv.name.split(" + ")[0].split(" --")[0]]
         print(f"| {conv.name} | {span([r.wall for r in runs])} "
               f"| {statistics.median(r.cpu for r in runs):.2f} "
               f"| {statistics.median(r.peak_mb for r in runs):.0f} "
-              f"| {shown} | {runs[0].images} | {starts[conv.name][0]:.2f}, "
-              f"{starts[conv.name][1]:.0f} |")
-    wall = statistics.median(r.wall for r in mist_runs) / statistics.median(
-        r.wall for r in dcm_runs)
-    pairwise = statistics.median(a.wall / b.wall for a, b in zip(mist_runs, dcm_runs))
-    best = min(r.wall for r in mist_runs) / min(r.wall for r in dcm_runs)
-    mist_out = one_size(mist_runs, "all")
-    size_nii = one_size(dcm_runs, "images") / mist_out
-    size_all = one_size(dcm_runs, "all") / mist_out
-    met = {"wall": wall < TARGET_WALL, "size": size_nii >= TARGET_SIZE}
+              f"| {shown} | {runs[0].images} | {start[0]:.2f}, {start[1]:.0f} |")
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x.wall / y.wall for x, y in zip(results[a], results[b]))
+
+    met: dict[str, bool] = {}
     verdict = {True: "met", False: "NOT met"}
-    print(f"wall mist-zarr / dcm2niix: {wall:.2f} (median of pairwise ratios {pairwise:.2f}, "
-          f"best / best {best:.2f}); target < {TARGET_WALL:g}: {verdict[met['wall']]}")
-    print(f"size dcm2niix / mist-zarr: {size_nii:.3f} (.nii.gz only), {size_all:.3f} "
-          f"(with .json); target >= {TARGET_SIZE:g}: {verdict[met['size']]}")
-    print(f"lossless ratio, DICOM in / output: mist-zarr {case.bytes_in / mist_out:.2f}, "
-          f"dcm2niix {case.bytes_in / one_size(dcm_runs, 'images'):.2f} (.nii.gz)")
+    mists = [c.name for c in converters if c.name.startswith(MIST)]
+    dcms = [c.name for c in converters if c.name.startswith(DCM)]
+    for m in mists:
+        print("wall " + m + " / " + ", ".join(f"{d}: {ratio(m, d):.2f}" for d in dcms)
+              + " (median of pairwise ratios)")
+    if MIST2 in results:
+        met["faster than dcm2niix"] = ratio(MIST2, DCM) < 1.0
+        if case.key == "tree" and DCM_PIGZ in results:
+            met["no slower than dcm2niix + pigz"] = ratio(MIST2, DCM_PIGZ) <= 1.0
+        print(f"1 -> 2 workers: {ratio(MIST, MIST2):.2f}x faster")
+    mist_out = one_size(results[MIST], "all")
+    size = mist_out / case.raw_htj2k
+    met["size <= raw HTJ2K + 1 %"] = size <= TARGET_SIZE
+    print(f"mist-zarr output / raw HTJ2K of the slices: {mb(mist_out)} / {mb(case.raw_htj2k)} MB"
+          f" = {size:.4f}; .nii.gz / mist-zarr: "
+          f"{one_size(results[DCM], 'images') / mist_out:.2f}")
+    print("targets: " + "; ".join(f"{k}: {verdict[v]}" for k, v in met.items()))
     return met
 
 
@@ -387,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="shared data directory (default: ../shared/data or $MIST_DATA)")
     parser.add_argument("--copies", type=int, default=10,
                         help="copies of each of the two CT series in the tree (default: 10)")
+    parser.add_argument("--long", type=int, default=1000,
+                        help="slices of the long series (default: 1000)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per converter and input")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where to build the tree and write outputs (default: a temporary "
@@ -400,15 +461,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("--repeat and --copies must be at least 1")
 
     mist_exe, dcm2niix_exe = find_mist_zarr(), find_dcm2niix()
-    converters = (mist_converter(mist_exe), dcm2niix_converter(dcm2niix_exe))
-    print_environment(dcm2niix_exe)
-    for conv in converters:
-        print(f"run:      {shlex.join(conv.command(Path('IN'), Path('OUT')))}")
-
     made = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="mist-bench-convert-")) if made else args.workdir
-    tree, runs_dir = workdir / "tree", workdir / "runs"
-    if tree.exists() or runs_dir.exists():
+    (workdir / "no-pigz").mkdir(parents=True, exist_ok=True)
+    pigz = shutil.which("pigz")
+    converters = [mist_converter(mist_exe, None), mist_converter(mist_exe, 2),
+                  dcm2niix_converter(dcm2niix_exe, None, workdir / "no-pigz")]
+    if pigz:
+        converters.append(dcm2niix_converter(dcm2niix_exe, pigz, workdir / "no-pigz"))
+    print_environment(dcm2niix_exe)
+    for conv in converters:
+        print(f"run:      {shlex.join(conv.command(Path('IN'), Path('OUT')))}"
+              + (f"  (PATH={conv.path})" if conv.path else ""))
+
+    tree, runs_dir, long = workdir / "tree", workdir / "runs", workdir / "long"
+    if tree.exists() or runs_dir.exists() or long.exists():
         raise SystemExit(f"{tree} or {runs_dir} exists; choose an empty --workdir")
     print(f"workdir:  {workdir}")
     try:
@@ -418,15 +485,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         files = build_tree(args.data, args.copies, tree)
         print(f"tree:     {args.copies} copies x {len(TREE_SERIES)} series, {files} files, "
               f"built in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        build_long(args.data, args.long, long)
+        print(f"long:     one series of {args.long} slices, built in "
+              f"{time.perf_counter() - t0:.1f} s")
+        raw_single = raw_htj2k_bytes([single])
         cases = [
             Case("single", f"(a) {SINGLE}", single, 1, len(dicom_files(single)), warm_cache(single),
-                 check_roundtrip(single)),
-            Case("tree", f"(b) tree of {args.copies} x {len(TREE_SERIES)} series", tree,
-                 args.copies * len(TREE_SERIES), files, warm_cache(tree)),
+                 raw_single, args.repeat, check_roundtrip(single)),
+            Case("long", f"(b) one series of {args.long} slices", long, 1, args.long,
+                 warm_cache(long), raw_htj2k_bytes([long]), args.repeat, check_roundtrip(long)),
+            Case("tree", f"(c) tree of {args.copies} x {len(TREE_SERIES)} series", tree,
+                 args.copies * len(TREE_SERIES), files, warm_cache(tree),
+                 args.copies * raw_htj2k_bytes([args.data / s for s in TREE_SERIES]),
+                 args.repeat),
         ]
         log = runs_dir / "startup.log"
-        starts = {converters[0].name: startup([mist_exe, "--version"], args.repeat, log),
-                  converters[1].name: startup([dcm2niix_exe, "--version"], args.repeat, log)}
+        starts = {MIST: startup([mist_exe, "--version"], args.repeat, log),
+                  DCM: startup([dcm2niix_exe, "--version"], args.repeat, log)}
         verdicts = []
         for case in cases:
             results = run_case(case, converters, args.repeat, runs_dir, args.keep)
@@ -434,17 +510,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"\nload average at the end: {load_average()}")
         print("start-up: `--version` (for mist-zarr the interpreter and its imports), median "
               "wall s and peak RSS; peak RSS is that of the largest single process")
-        print("targets (faster; >= 1.4x smaller than .nii.gz): " + "; ".join(
-            f"{label}: wall {'met' if m['wall'] else 'NOT met'}, "
-            f"size {'met' if m['size'] else 'NOT met'}" for label, m in verdicts))
+        for label, m in verdicts:
+            print(f"targets {label}: " + "; ".join(
+                f"{k} {'met' if v else 'NOT met'}" for k, v in m.items()))
     finally:
         if args.keep:
             print(f"kept:     {workdir}")
         elif made:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
-            shutil.rmtree(tree, ignore_errors=True)
-            shutil.rmtree(runs_dir, ignore_errors=True)
+            for folder in (tree, runs_dir, long, workdir / "no-pigz"):
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -2,46 +2,61 @@
 
 from __future__ import annotations
 
-import imagecodecs.zarr as _imagecodecs_zarr
-
-# Stored chunks use the codec name "imagecodecs_htj2k"; zarr finds it only
-# once registered. Registering is idempotent.
-_imagecodecs_zarr.register_codecs(["htj2k"], verbose=False)
-
-from .codestream import CodestreamError, parse_codestream, prefix_lengths  # noqa: E402
-from .format import FORMAT_VERSION, ImageInfo, IncompleteImageError  # noqa: E402
-from .reader import (  # noqa: E402
-    ChecksumError,
-    open_image,
-    read_checksums,
-    read_image,
-    read_index,
-    read_metadata,
-)
-from .values import LossyInputError, ValueMapping  # noqa: E402
-from .writer import write_image  # noqa: E402
-from .store import MultiscaleStore, PrefixError  # noqa: E402
-from .convert import ConvertReport, convert, list_images  # noqa: E402
-from .catalog import build_catalog, read_catalog, update_catalog, write_catalog  # noqa: E402
-from .export import export  # noqa: E402
-from .verify import verify  # noqa: E402
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-# xarray (and pandas behind it) cost half a second to import; the reading
-# API loads them on first use so that convert / verify / serve start fast.
-_LAZY = {"open": "access", "open_dataset": "access", "choose_level": "access",
-         "MistDataset": "dataset", "read_level": "batch", "refine": "progressive"}
+# Every public name is loaded on first use (PEP 562): the package's
+# dependencies (zarr and numpy alone take about 0.5 s to import here, pandas,
+# xarray, dask and pydicom 0.5-1.4 s each) stay unloaded until a verb needs
+# them, so ``mist-zarr --help`` starts in a fraction of that. This table and
+# cli.py's verb handlers are the places that defer imports for start-up
+# (docs/architecture.md, "Imports").
+_LAZY = {
+    "CodestreamError": "errors", "parse_codestream": "codestream", "prefix_lengths": "codestream",
+    "FORMAT_VERSION": "format", "ImageInfo": "format", "IncompleteImageError": "errors",
+    "ChecksumError": "errors", "open_image": "reader", "read_checksums": "reader",
+    "read_image": "reader", "read_index": "reader", "read_metadata": "reader",
+    "LossyInputError": "errors", "ValueMapping": "values", "write_image": "writer",
+    "MultiscaleStore": "store", "PrefixError": "errors",
+    "ConvertReport": "convert", "convert": "convert", "list_images": "convert",
+    "build_catalog": "catalog", "read_catalog": "catalog", "update_catalog": "catalog",
+    "write_catalog": "catalog", "export": "export", "verify": "verify",
+    "open": "access", "open_dataset": "access", "choose_level": "access",
+    "MistDataset": "dataset", "read_level": "batch", "refine": "progressive",
+}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'mist_zarr' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``mist_zarr.convert`` / ``.export`` / ``.verify`` the functions.
+
+    Importing a submodule sets it as an attribute of its package; three
+    submodules share their name with the function they export, and loading
+    them lazily would otherwise let the module replace the function.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and name in _LAZY and _LAZY[name] == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "FORMAT_VERSION",

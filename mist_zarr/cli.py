@@ -1,24 +1,27 @@
-"""The ``mist-zarr`` command line."""
+"""The ``mist-zarr`` command line.
+
+Each verb imports what it uses inside its handler, so that ``--help`` and the
+light verbs do not pay for the heavy ones (docs/architecture.md, "Imports").
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from mist_zarr.layout import DEFAULT_ALPHA
 
 __all__ = ["main"]
 
 
-def _level_table(info, index: np.ndarray) -> list[str]:
+def _level_table(info, index) -> list[str]:
     # against the caller's / source's samples, not the (possibly wider) stored integers
-    raw = int(np.prod(info.shape)) * info.dtype.itemsize
+    raw = math.prod(info.shape) * info.dtype.itemsize
     full = int(index[..., 0].sum())
     rows = [f"{'level':>5}  {'shape':<22} {'spacing (mm)':<22} {'bytes':>12} {'% of s0':>8}"]
     for k in range(info.levels + 1):
@@ -34,6 +37,8 @@ def _level_table(info, index: np.ndarray) -> list[str]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
     import mist_zarr
     from mist_zarr.phantom import ct_phantom
 
@@ -66,7 +71,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"  dims, shape   : {info.dims} {info.shape}")
     print(f"  dtype         : {info.dtype} (stored as {info.stored_dtype}, {info.values.kind})")
     print(f"  spacing       : {info.spacing}")
-    print(f"  chunks        : {info.chunks} ({int(np.prod(info.grid))} chunks)")
+    print(f"  chunks        : {info.chunks} ({math.prod(info.grid)} chunks)")
     from mist_zarr.export import allowed_exports
 
     print(f"  exports to    : {', '.join(allowed_exports(info.source_format))}")
@@ -93,7 +98,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from mist_zarr.export import export
 
     result = export(args.store, args.out, format=args.format, scale=args.scale, size=args.size,
-                    window=args.window, bits=args.bits, uncompressed=args.uncompressed)
+                    window=args.window, bits=args.bits, uncompressed=args.uncompressed,
+                    colour=args.colour, philips_scaling=args.philips_scaling)
     print(f"wrote {len(result.files)} {result.format} file(s) at level {result.level} to {args.out}")
     for note in result.notes:
         print(f"  note: {note}")
@@ -148,6 +154,8 @@ _LS_COLUMNS = ["path", "modality", "body_part", "shape", "dtype", "spacing", "le
 
 def _catalog_table(df, *, all_columns: bool) -> str:
     """The catalog as text: lists joined, sizes in kB, the main columns unless chosen."""
+    import numpy as np
+
     df = df if all_columns else df[[c for c in _LS_COLUMNS if c in df.columns]]
 
     def cell(column: str, value) -> str:
@@ -243,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("export", help="export an image down the format hierarchy at any level")
-    p.add_argument("store", help="path or URL of a mist-zarr image")
-    p.add_argument("out", help="output file (NIfTI) or folder (DICOM, PNG, JPEG)")
+    p.add_argument("store", help="path or URL of a mist-zarr image or label map")
+    p.add_argument("out", help="output file (NIfTI) or folder (DICOM, DICOM SEG, PNG, JPEG)")
     p.add_argument("--format", required=True, choices=["dicom", "nifti", "png", "jpeg"])
     level = p.add_mutually_exclusive_group()
     level.add_argument("--scale", type=int, help="level k (2**k times smaller in y and x)")
@@ -254,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="window for 8-bit pictures (default: the DICOM window, else min-max)")
     p.add_argument("--uncompressed", action="store_true",
                    help="DICOM: write uncompressed pixel data instead of the HTJ2K chunks")
+    p.add_argument("--philips-scaling", choices=["precise", "display"], default="precise",
+                   help="NIfTI of Philips MR with the private scale slope (2005,100E): "
+                        "floating-point values (RS*SV+RI)/(RS*SS), as dcm2niix (default), or "
+                        "the DICOM display values RS*SV+RI (dcm2niix -p n)")
+    p.add_argument("--colour", action="store_true",
+                   help="label map to PNG: false colour (one fixed colour per label)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("verify", help="decode every chunk and check it against its checksum")

@@ -23,7 +23,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .access import choose_level, level_edges
+from .catalog import COLUMNS, catalog
+from .direct import open_direct
+from .labels import find_label_maps, open_labels, read_label_level
 from .layout import level_shape
+from .modality import find_rescale
 from .storage import join_location, location
 
 if TYPE_CHECKING:
@@ -96,7 +100,6 @@ class MistDataset:
         threads: int | None = None,
         labels: bool = False,
     ) -> None:
-        from .catalog import catalog
 
         if scale is not None and size is not None:
             raise ValueError("give scale or size, not both")
@@ -130,7 +133,6 @@ class MistDataset:
         self._rows: list[dict[str, Any]] = df.reset_index(drop=True).to_dict("records")
         self.labels = labels
         if labels:
-            from .labels import find_label_maps
 
             masks = find_label_maps(self.root, self.storage_options)
             self._rows = [{**row, "mask_path": m} for row in self._rows
@@ -190,7 +192,6 @@ class MistDataset:
         """The selected catalog rows, in item order."""
         import pandas as pd
 
-        from .catalog import COLUMNS
 
         columns = list(dict.fromkeys([*COLUMNS, *(c for r in self._rows[:1] for c in r)]))
         return pd.DataFrame(self._rows, columns=columns)
@@ -229,14 +230,11 @@ class MistDataset:
         return i
 
     def _mask(self, path: str, k: int) -> np.ndarray:
-        from .labels import open_labels, read_label_level
 
         group, _ = open_labels(join_location(self.root, path))
         return read_label_level(group, k)
 
     def _image(self, path: str) -> tuple[OpenedImage, Rescale | None]:
-        from .direct import open_direct
-        from .modality import find_rescale
 
         if self._pid != os.getpid():  # forked: the parent's images (and lock) are not ours
             self._images = OrderedDict()

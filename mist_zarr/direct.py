@@ -1,8 +1,8 @@
 """Read any level of a stored image directly: one verified prefix read and one decode per chunk.
 
-zarr's generic path costs a fixed 10-40 ms per open (array metadata parsing,
-two thread hand-offs per chunk, xarray's decoding) and about 0.1-0.4 ms per
-chunk, which is more than decoding a coarse level takes. This module reads
+zarr's generic path has a fixed cost per open (array metadata parsing, two
+thread hand-offs per chunk, xarray's decoding) and a cost per chunk that
+exceed decoding a coarse level (figures: docs/results.md). This module reads
 the same physical group (the same ``zarr.json``, the same prefix index, the
 same chunk objects) through the same zarr store, and decodes each level-k
 prefix with ``imagecodecs.htj2k_decode(prefix, skipres=k)`` straight into the
@@ -31,11 +31,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import imagecodecs
+import numcodecs
 import numpy as np
+import zarr
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import StorePath
 
 from .codestream import is_boundary
+from .errors import ChecksumError, PrefixError
 from .format import (
     ATTR,
     CHECKSUM,
@@ -47,9 +52,8 @@ from .format import (
     chunk_crc,
     not_an_image,
 )
-from .errors import ChecksumError, PrefixError
-from .storage import no_group, open_source_store, supports_sync_io
 from .prefix_cache import PrefixCache
+from .storage import no_group, open_source_store, supports_sync_io
 from .store import MultiscaleStore, source_identity
 
 __all__ = ["ChecksumError", "OpenedImage", "open_direct"]
@@ -152,7 +156,6 @@ os.register_at_fork(after_in_child=_after_fork)
 
 # -- reading the group's own documents ----------------------------------------------------
 def _run(coro: Any) -> Any:
-    from zarr.core.sync import sync
 
     return sync(coro)
 
@@ -252,11 +255,10 @@ class _Reader:
 def _small_array(reader: _Reader, name: str, doc: bytes | None) -> np.ndarray:
     """A one-chunk array of the image group (the index, the checksums), decoded by numcodecs.
 
-    zarr's array machinery costs 1-3 ms for these few hundred bytes; the
+    zarr's array machinery costs more than decoding these few hundred bytes; the
     writer stores them as one chunk with ``bytes`` (+ ``zstd``) codecs. Any
     other layout goes through zarr.
     """
-    import numcodecs
 
     where = f"{reader.prefix}{name}"
     if doc is None:
@@ -275,7 +277,6 @@ def _small_array(reader: _Reader, name: str, doc: bytes | None) -> np.ndarray:
         and isinstance(meta.get("fill_value"), int)
     )
     if not simple:
-        import zarr
 
         return zarr.open_array(store=reader.store, path=reader.prefix + name, mode="r",
                                zarr_format=3)[...]
@@ -406,8 +407,6 @@ def image_info(attrs: Mapping[str, Any] | None, where: str, allow_incomplete: bo
 
 
 def _locate(source: Any, storage_options: Mapping[str, Any] | None) -> tuple[_Reader, str]:
-    import zarr
-    from zarr.storage import StorePath
 
     if isinstance(source, MultiscaleStore):
         return _Reader(source.physical, "", source.prefix_cache), repr(source)

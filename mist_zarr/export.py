@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .converters import image as image_format
 from .converters import nifti
 from .converters.base import ExportResult, StoredImage
 from .converters.dicom import export_dicom
-from .errors import ExportError
-from .labels import false_colour, is_label_group, open_labels, read_label_level
+from .converters.dicom.seg import write_seg
+from .errors import ConversionError, ExportError, MistZarrError
 from .format import ATTR, not_an_image
+from .labels import LabelInfo, false_colour, is_label_group, open_labels, read_label_level
 from .reader import open_image
-from .storage import get_json, no_group, open_source_store
+from .storage import get_json, join_location, location, no_group, open_source_store
 from .store import MultiscaleStore
 
 __all__ = ["EXPORTS", "ExportError", "ExportResult", "allowed_exports", "export"]
@@ -41,10 +45,64 @@ EXPORTS: dict[str, tuple[str, ...]] = {
 # export format -> (exporter, the options of :func:`export` it takes)
 _EXPORTERS: dict[str, tuple[Callable[..., ExportResult], tuple[str, ...]]] = {
     "dicom": (export_dicom, ("uncompressed",)),
-    "nifti": (nifti.export, ()),
+    "nifti": (nifti.export, ("philips_scaling",)),
     "png": (image_format.export, ("format", "window", "bits")),
     "jpeg": (image_format.export, ("format", "window", "bits")),
 }
+
+
+def linked_image(source: Any, labels: LabelInfo) -> str:
+    """Where the image a label map belongs to is: the label document names it by its
+    dataset path, so it is looked for under each folder above the label map and
+    accepted only if its grid is the label map's."""
+    if not labels.image:
+        raise ExportError(f"{source}: the label map is stored in its own geometry, linked to no "
+                          "image")
+    here = location(source)
+    parts = here.split("/")
+    for i in range(len(parts) - 1, 0, -1):
+        candidate = join_location("/".join(parts[:i]) or "/", labels.image)
+        try:
+            _, info = open_image(candidate)
+        except (MistZarrError, OSError, ValueError):
+            continue
+        geometry = labels.geometry
+        spatial = [d for d in geometry.dims if d != "segment"]
+        if (tuple(info.dims) == tuple(spatial)
+                and tuple(info.shape) == tuple(s for d, s in zip(geometry.dims, geometry.shape)
+                                               if d != "segment")
+                and np.allclose(info.affine, geometry.affine, atol=1e-3)):
+            return candidate
+    raise ExportError(f"{source}: its image {labels.image!r} was not found on the same grid in "
+                      f"any folder above {here}")
+
+
+def _export_seg(source: Any, labels: LabelInfo, k: int, values: np.ndarray,
+                out: Path) -> ExportResult:
+    """The label map at level ``k`` as a DICOM SEG over its image's DICOM series at that level.
+
+    ``out`` is a folder: ``image/`` the referenced series (the image exported to
+    DICOM at level ``k``: at level 0 its original instances) and ``seg.dcm``.
+    """
+    import pydicom
+
+    image = linked_image(source, labels)
+    _, info = open_image(image)
+    if info.source_format != "dicom":
+        raise ExportError(f"{source}: a DICOM SEG references DICOM instances, but its image "
+                          f"{image} came from {info.source_format}")
+    out.mkdir(parents=True, exist_ok=True)
+    series = export(image, out / "image", format="dicom", scale=k)
+    datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(series.files)]
+    seg_file = out / "seg.dcm"
+    try:
+        notes = write_seg(values, tuple(labels.geometry.dims), list(labels.segments), datasets,
+                          str(seg_file), series_description=f"{Path(str(source)).name} s{k}")
+    except ConversionError as exc:
+        raise ExportError(str(exc)) from exc
+    return ExportResult(format="dicom", level=k, files=[str(seg_file)] + list(series.files),
+                        notes=notes + [f"image/: the referenced series, {image} at level {k}"]
+                        + list(series.notes))
 
 
 def allowed_exports(source_format: str) -> tuple[str, ...]:
@@ -55,7 +113,7 @@ def allowed_exports(source_format: str) -> tuple[str, ...]:
 def export(
     store: Any, out: str | os.PathLike, *, format: str, scale: int | None = None,
     size: int | None = None, window: Sequence[float] | None = None, bits: int | None = None,
-    uncompressed: bool = False, colour: bool = False,
+    uncompressed: bool = False, colour: bool = False, philips_scaling: str = "precise",
 ) -> ExportResult:
     """Write the image at ``store`` (at level ``scale`` or the level for ``size``) to ``out``.
 
@@ -66,8 +124,17 @@ def export(
     8-bit pictures. JPEG is always 8-bit and lossy (previews).
 
     A label map exports to ``nifti`` (labels exact, intent label, the affine of
-    its image's level) or ``png`` (index images, exact; with ``colour`` RGB
-    false colour, one fixed colour per label value).
+    its image's level), ``png`` (index images, exact; with ``colour`` RGB
+    false colour, one fixed colour per label value) or, when its image came
+    from DICOM, ``dicom``: a folder with ``seg.dcm``, a binary DICOM SEG
+    (highdicom) over ``image/``, the image's series at the same level.
+
+    NIfTI from DICOM carries the rescale as ``scl_slope``/``scl_inter`` the way
+    dcm2niix writes it: ``philips_scaling="precise"`` (the default, as
+    dcm2niix) gives Philips MR files with the private scale slope (2005,100E)
+    their floating-point values ``(stored * RS + RI) / (RS * SS)``;
+    ``"display"`` the DICOM display values ``stored * RS + RI`` (dcm2niix
+    ``-p n``). The result's ``notes`` say which was used.
     """
     # xarray (behind access) costs ~0.5 s to import; `import mist_zarr` must not pay it
     from .access import choose_level
@@ -98,25 +165,25 @@ def export(
     k = choose_level(info, scale=scale, size=size, source=store)
     values = open_level(MultiscaleStore(physical), scale=k).values
     exporter, takes = _EXPORTERS[fmt]
-    options = {"format": fmt, "window": window, "bits": bits, "uncompressed": uncompressed}
+    options = {"format": fmt, "window": window, "bits": bits, "uncompressed": uncompressed,
+               "philips_scaling": philips_scaling}
     return exporter(StoredImage(store, group, info, k, values), Path(out),
                     **{name: options[name] for name in takes})
 
 
 def _export_labels(source: Any, physical: Any, out: Path, fmt: str, scale: int | None,
                    size: int | None, colour: bool) -> ExportResult:
-    from dataclasses import replace
-
-    import numpy as np
-
     from .access import choose_level
 
     group, labels = open_labels(physical)
-    if fmt not in ("nifti", "png"):
-        raise ExportError(f"{source}: a label map exports to nifti or png, not {fmt}")
+    if fmt not in ("nifti", "png", "dicom"):
+        raise ExportError(f"{source}: a label map exports to dicom (SEG), nifti or png, "
+                          f"not {fmt}")
     info = labels.geometry
     k = choose_level(info, scale=scale, size=size, source=source)
     values = read_label_level(group, k)
+    if fmt == "dicom":
+        return _export_seg(source, labels, k, values, out)
     # no source header: the stored mask is in its image's orientation, so the affine is its own
     plain = replace(info, metadata={})
     if fmt == "nifti":

@@ -31,8 +31,10 @@ from typing import Any
 
 from aiohttp import web
 
+from .catalog import CATALOG, catalog
 from .codestream import is_boundary
 from .format import ATTR, INDEX
+from .store import MultiscaleStore
 from .zarr2 import v2_documents, v3_source
 
 __all__ = ["CATALOG_JSON", "VIEW", "VIEW_V2", "Body", "VirtualViews"]
@@ -154,7 +156,6 @@ class VirtualViews:
 
     async def _store(self, image: Path) -> tuple[Any, int]:
         """The image's MultiscaleStore, reloaded when its zarr.json changed."""
-        from .store import MultiscaleStore
 
         st = await asyncio.to_thread(os.stat, image / "zarr.json")
         async with self._lock:
@@ -216,7 +217,6 @@ class VirtualViews:
     # -- dataset catalogs -----------------------------------------------------------
     def _catalog_body(self, parts: list[str]) -> Body | None:
         """The catalog of the dataset root at parts as JSON; None if there is none there."""
-        from .catalog import CATALOG, catalog
 
         folder = self._real(parts)
         if (folder / CATALOG_JSON).exists() or not self._is_dataset(folder):
@@ -237,7 +237,6 @@ class VirtualViews:
                           "application/json")
 
     def _is_dataset(self, folder: Path) -> bool:
-        from .catalog import CATALOG
 
         if (folder / CATALOG).is_file():
             return True

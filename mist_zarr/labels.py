@@ -13,6 +13,8 @@ image's array orientation (:func:`align_to`). Layout and codec:
 
 from __future__ import annotations
 
+import colorsys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,7 +25,7 @@ from zarr.codecs import ZstdCodec
 from zarr.storage import StorePath
 
 from .errors import ConversionError, IncompleteImageError
-from .format import ATTR, FORMAT_VERSION, ImageInfo
+from .format import ATTR, FORMAT_VERSION, ImageInfo, default_affine
 from .layout import DEFAULT_ALPHA, num_levels, plane_axes
 from .storage import open_source_store
 from .store import ome_multiscales
@@ -35,9 +37,8 @@ __all__ = ["LABELS", "LABELS_FORMAT", "LabelInfo", "align_to", "false_colour", "
 
 LABELS_FORMAT = "mist-zarr-labels"  # attributes.mist.format of a label group
 LABELS = "labels"  # the array in each level group sK/
-# zstd level 19: on the shared TotalSegmentator mask (all 4 levels) 22.9 kB, against
-# 21.3 kB for level 22 (1.4-4x slower to write) and 22.0 kB for blosc-zstd 9 with
-# byte shuffle, 38.5 kB with bit shuffle (benchmarks/bench_labels.py, docs/results.md).
+# zstd level 19: the smallest of the codecs compared on the shared masks that
+# still writes fast (benchmarks/bench_labels.py; figures in docs/results.md).
 ZSTD_LEVEL = 19
 CHUNK_BYTES = 4 << 20  # a chunk is a slab of whole planes of at most this many raw bytes
 LABEL_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32")
@@ -188,7 +189,6 @@ def write_labels(
     elif not isinstance(dest, StorePath):
         dest = open_source_store(dest, read_only=False)
     group = zarr.open_group(dest, mode="w" if overwrite else "w-", zarr_format=3)
-    from .format import default_affine
 
     geometry = ImageInfo(
         dims=dims, shape=tuple(int(s) for s in data.shape),
@@ -233,7 +233,6 @@ def false_colour(values: np.ndarray) -> np.ndarray:
     The colour of label ``v`` depends on ``v`` only (a golden-angle hue walk), so
     a label has the same colour in every slice, level and mask.
     """
-    import colorsys
 
     values = np.asarray(values)
     found, inverse = np.unique(values, return_inverse=True)
@@ -257,7 +256,6 @@ def find_label_maps(root: Any, storage_options: Mapping[str, Any] | None = None
                     ) -> dict[str, list[str]]:
     """``{image path: [label map paths]}`` for the linked label maps under a dataset root
     (walks the groups: a local or listable store)."""
-    import warnings
 
     group = zarr.open_group(open_source_store(root, storage_options), mode="r", zarr_format=3)
     out: dict[str, list[str]] = {}

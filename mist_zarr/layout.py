@@ -90,6 +90,8 @@ def _resolutions_offset() -> int:
     """How the installed imagecodecs counts ``resolutions``: 0 when it means the
     number of decompositions (up to 2026.10), 1 when it means resolution levels,
     i.e. decompositions + 1 (2026.11 on). Found by encoding a tiny probe once."""
+    # Imported here, not at the top: cli.py imports this module for its
+    # defaults, and --help must not load the codec (docs/architecture.md).
     import imagecodecs
     import numpy as np
 

@@ -9,6 +9,13 @@ NIfTI ``scl_slope`` / ``scl_inter`` (a slope of 0 or NaN means "unscaled", as
 the NIfTI standard says). Images without one (PNG, arrays) have slope 1 and
 intercept 0.
 
+DICOM values are the display values ``stored * RescaleSlope + RescaleIntercept``
+(PS3.3 C.11.1). Philips MR files also carry a private scale slope SS
+(2005,xx0E of the creator "Philips MR Imaging DD 001"); asked for
+``philips="precise"``, :func:`find_rescale` returns Philips' floating-point
+values ``(stored * RS + RI) / (RS * SS)`` instead (dcm2niix's default for
+NIfTI; Chenevert et al. 2014, PMC3998685).
+
 The result dtype depends on the image's dtype only, so that every image of
 a dataset comes back in the same dtype whatever its rescale:
 
@@ -20,6 +27,7 @@ a dataset comes back in the same dtype whatever its rescale:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,12 +35,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Rescale", "find_rescale", "rescaled_dtype"]
+__all__ = ["PHILIPS", "PHILIPS_SCALINGS", "Rescale", "find_rescale", "rescaled_dtype"]
 
 SLOPE, INTERCEPT = "00281053", "00281052"
 SHARED_GROUPS, PIXEL_VALUE_TRANSFORMATION = "52009229", "00289145"
 PER_FRAME = "PerFrameFunctionalGroupsSequence"
 PER_SLICE = "dicom_per_slice"
+MANUFACTURER = "00080070"
+PHILIPS_CREATOR, PHILIPS_GROUP, PHILIPS_SCALE_SLOPE = "Philips MR Imaging DD 001", "2005", 0x0E
+#: what ``find_rescale(philips=...)`` accepts: Philips floating-point values, or DICOM display values
+PHILIPS_SCALINGS = ("precise", "display")
+PHILIPS = "philips precise"  # how a Philips precise Rescale's ``source`` begins
 
 
 def rescaled_dtype(dtype: Any) -> np.dtype:
@@ -55,6 +68,23 @@ class Rescale:
     @property
     def per_slice(self) -> bool:
         return np.ndim(self.slope) > 0 or np.ndim(self.intercept) > 0
+
+    @property
+    def varies(self) -> bool:
+        """True when the slope or the intercept differs between slices."""
+        return any(np.ndim(v) > 0 and np.unique(np.asarray(v)).size > 1
+                   for v in (self.slope, self.intercept))
+
+    @property
+    def identity(self) -> bool:
+        return bool(np.all(np.asarray(self.slope) == 1) and np.all(np.asarray(self.intercept) == 0))
+
+    def uniform(self) -> Rescale:
+        """The same rescale with per-slice values that do not vary collapsed to one value."""
+        if not self.per_slice or self.varies:
+            return self
+        return Rescale(float(np.asarray(self.slope).flat[0]),
+                       float(np.asarray(self.intercept).flat[0]), self.source)
 
     def apply(self, values: np.ndarray, leading: Sequence[slice | int] = ()) -> np.ndarray:
         """Rescaled ``values``; ``leading`` selects the slices of per-slice values
@@ -90,14 +120,102 @@ def _exact32(slope: Any, intercept: Any) -> bool:
 
 
 def find_rescale(metadata: Mapping[str, Any], leading_shape: Sequence[int],
-                 per_slice: Callable[[], Mapping[str, Any]] | None = None) -> Rescale:
+                 per_slice: Callable[[], Mapping[str, Any]] | None = None, *,
+                 philips: str = "display") -> Rescale:
     """The rescale recorded in an image's metadata (identity when there is none).
 
     ``leading_shape`` is the image's shape before ``y`` (slices); per-slice
     values must have one entry per slice. ``per_slice`` loads the bulky
     per-slice metadata (``dicom_per_slice``) when the common attributes have
-    no rescale; it is only called then.
+    no rescale (or, for ``philips="precise"``, no Philips scale slope); it is
+    only called then. ``philips``: ``"display"`` (DICOM display values, the
+    default) or ``"precise"`` (Philips floating-point values where the private
+    scale slope is present; display values elsewhere).
     """
+    if philips not in PHILIPS_SCALINGS:
+        raise ValueError(f"philips must be one of {PHILIPS_SCALINGS}, found {philips!r}")
+    if per_slice is not None:  # loaded at most once, for the rescale and the Philips slope
+        per_slice = functools.cache(per_slice)
+    display = _display_rescale(metadata, leading_shape, per_slice)
+    if philips == "display":
+        return display
+    scale = _philips_scale_slope(metadata, leading_shape, per_slice)
+    if scale is None or not np.all(np.asarray(display.slope) != 0):
+        return display
+    rs, ri = np.asarray(display.slope, np.float64), np.asarray(display.intercept, np.float64)
+    slope, intercept = 1.0 / scale + 0 * rs, ri / (rs * scale)
+    as_value = (lambda v: float(v) if np.ndim(v) == 0 else v)
+    return Rescale(as_value(slope), as_value(intercept),
+                   f"{PHILIPS} (stored*RescaleSlope+RescaleIntercept)/"
+                   "(RescaleSlope*ScaleSlope 2005,100E)" + (" per slice" if np.ndim(slope) else ""))
+
+
+def _philips_scale_slope(metadata: Mapping[str, Any], leading_shape: Sequence[int],
+                         per_slice: Callable[[], Mapping[str, Any]] | None
+                         ) -> float | np.ndarray | None:
+    """Philips' private scale slope SS: one value, one per slice, or None when absent
+    (not a Philips file, no slope, or a slope of 0 / not finite on any slice)."""
+    dicom = metadata.get("dicom")
+    if not isinstance(dicom, Mapping) or "PHILIPS" not in str(
+            (_item_values(dicom, MANUFACTURER) or [""])[0]).upper():
+        return None
+    found = _philips_in(dicom)
+    if found is not None:
+        return found if math.isfinite(found) and found != 0 else None
+    bulky = per_slice() if per_slice is not None and metadata.get("slice_metadata") else {}
+    table = bulky.get(PER_SLICE, {}) if isinstance(bulky, Mapping) else {}
+    column = _philips_column(dicom, table)
+    n = int(np.prod(leading_shape)) if leading_shape else 1
+    if column is None or len(column) != n or any(v is None for v in column):
+        return None  # not on every slice: display values, as for any other file
+    values = np.asarray(column, np.float64).reshape(tuple(leading_shape))
+    return values if np.all(np.isfinite(values)) and np.all(values != 0) else None
+
+
+def _philips_column(dicom: Mapping[str, Any], table: Mapping[str, Any]) -> list[Any] | None:
+    """Per-slice Philips scale slopes: a varying private attribute, or one per enhanced frame."""
+    tag = _philips_tag(dicom)
+    if tag is not None and tag in table:
+        return [_first(v, 0.0) if v not in (None, []) else None for v in table[tag]]
+    frames = table.get(PER_FRAME)
+    if frames:
+        return [_philips_in((f or [{}])[0]) for f in frames]
+    return None
+
+
+def _philips_tag(ds: Mapping[str, Any]) -> str | None:
+    """The tag ``2005xx0E`` of the scale slope in the Philips creator's block of ``ds``."""
+    for tag, element in ds.items():
+        if (len(tag) == 8 and tag.startswith(PHILIPS_GROUP + "00") and 0x10 <= int(tag[4:], 16) <= 0xFF
+                and isinstance(element, Mapping)
+                and [str(v).strip() for v in element.get("Value") or []] == [PHILIPS_CREATOR]):
+            return f"{PHILIPS_GROUP}{int(tag[4:], 16):02X}{PHILIPS_SCALE_SLOPE:02X}"
+    return None
+
+
+def _philips_in(ds: Mapping[str, Any], depth: int = 2) -> float | None:
+    """The Philips scale slope in a DICOM JSON dataset or, ``depth`` levels down, its sequences."""
+    tag = _philips_tag(ds)
+    if tag is not None and tag in ds:
+        values = _item_values(ds, tag)
+        return float(values[0]) if values and values[0] is not None else None
+    if depth:
+        for element in ds.values():
+            if isinstance(element, Mapping) and element.get("vr") == "SQ":
+                for item in element.get("Value") or []:
+                    if isinstance(item, Mapping) and (v := _philips_in(item, depth - 1)) is not None:
+                        return v
+    return None
+
+
+def _item_values(ds: Mapping[str, Any], tag: str) -> list[Any]:
+    element = ds.get(tag)
+    return list(element.get("Value") or []) if isinstance(element, Mapping) else []
+
+
+def _display_rescale(metadata: Mapping[str, Any], leading_shape: Sequence[int],
+                     per_slice: Callable[[], Mapping[str, Any]] | None) -> Rescale:
+    """DICOM display values ``stored * RescaleSlope + RescaleIntercept`` (see find_rescale)."""
     nifti = metadata.get("nifti")
     if isinstance(nifti, Mapping):
         slope, inter = nifti.get("scl_slope"), nifti.get("scl_inter")

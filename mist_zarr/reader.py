@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,7 +62,6 @@ def read_image(source: Any, *, threads: int | None = None, verify: bool = True,
 def read_metadata(source: Any) -> dict[str, Any]:
     """The image's full source metadata: ``zarr.json``'s plus the per-slice part
     stored in the ``slice_metadata`` array (source: group, path, URL or store)."""
-    import json
 
     group = _group(source)
     metadata = dict(group.attrs[ATTR].get("metadata", {}))

@@ -23,6 +23,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from zarr.core.sync import sync
+
+from .store import MultiscaleStore
+from .zarr2 import v2_chunk_key, v2_documents
+
 __all__ = ["level_refs", "write_refs"]
 
 def _inline(key: str, data: bytes) -> str:
@@ -49,14 +54,12 @@ def level_refs(source: Any, level: int, *, url: str | None = None, zarr_format: 
     ``file://`` URL for a local path). Raises ValueError for a level the image
     does not have.
     """
-    from .store import MultiscaleStore
 
     store = MultiscaleStore(source, storage_options=storage_options)
     return _level_refs(store, level, (url or _default_url(source)).rstrip("/"), zarr_format)
 
 
 def _level_refs(store: Any, level: int, base: str, zarr_format: int) -> dict[str, Any]:
-    from zarr.core.sync import sync
 
     if zarr_format not in (2, 3):
         raise ValueError(f"zarr_format must be 2 or 3, found {zarr_format}")
@@ -88,7 +91,6 @@ def _v3_refs(found: Mapping[str, Any]) -> dict[str, Any]:
 
 def _v2_refs(found: Mapping[str, Any]) -> dict[str, Any]:
     """The level's v3 documents and chunks under their Zarr v2 keys."""
-    from .zarr2 import v2_chunk_key, v2_documents
 
     refs: dict[str, Any] = {}
     for key, value in found.items():
@@ -108,7 +110,6 @@ def write_refs(source: Any, out: str | os.PathLike[str], *, levels: Iterable[int
     ``s{k}.json`` per level; with levels given, likewise, unless it is one
     level and ``out`` ends in ``.json``, which is then that file.
     """
-    from .store import MultiscaleStore
 
     out = Path(out)
     store = MultiscaleStore(source, storage_options=storage_options)

@@ -19,12 +19,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import imagecodecs.zarr
+import zarr
 from zarr.abc.store import Store, _store_supports_sync_io
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-import zarr
 from zarr.errors import GroupNotFoundError
 from zarr.storage import FsspecStore, LocalStore, StorePath
+
+# Stored chunks use the codec name "imagecodecs_htj2k"; zarr finds it only
+# once registered. Every module that opens or creates a zarr node comes
+# through here, so registering on import covers them all (idempotent).
+imagecodecs.zarr.register_codecs(["htj2k"], verbose=False)
 
 __all__ = [
     "forget_listings",

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import zarr.api.asynchronous as za
 from zarr.abc.store import (
     ByteRequest,
     OffsetByteRequest,
@@ -32,13 +33,16 @@ from zarr.abc.store import (
     SuffixByteRequest,
 )
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+from zarr.core.config import config
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore, ObjectStore, StorePath
 
 from .codestream import is_boundary
+from .errors import PrefixError
 from .format import ATTR, IMAGE, INDEX, ImageInfo, IncompleteImageError, not_an_image
 from .layout import codec_config
-from .errors import PrefixError
-from .storage import forget_listings, no_group, open_source_store, supports_sync_io
 from .prefix_cache import PrefixCache
+from .storage import forget_listings, no_group, open_source_store, supports_sync_io
 
 __all__ = ["MultiscaleStore", "PrefixError", "forget_listings", "open_source_store",
            "source_identity"]
@@ -158,7 +162,6 @@ def source_identity(store: Store) -> tuple[Any, ...] | None:
     ``S3Store`` repr names only the bucket). Stores of unknown kinds (in-memory
     ones, wrappers) have no identity: their index is never shared.
     """
-    from zarr.storage import FsspecStore, LocalStore, ObjectStore
 
     kind = type(store)
     if isinstance(store, LocalStore):
@@ -290,7 +293,6 @@ class MultiscaleStore(Store):
     @property
     def info(self) -> ImageInfo:
         """The image's :class:`ImageInfo` (loads the index on first use)."""
-        from zarr.core.sync import sync
 
         return sync(self.state()).info
 
@@ -301,13 +303,10 @@ class MultiscaleStore(Store):
 
     @property
     def index(self) -> np.ndarray:
-        from zarr.core.sync import sync
 
         return sync(self.state()).index
 
     async def _load(self) -> _State:
-        import zarr.api.asynchronous as za
-        from zarr.storage import StorePath
 
         proto = default_buffer_prototype()
         raw = await self._physical.get("zarr.json", proto)
@@ -509,7 +508,6 @@ class MultiscaleStore(Store):
         prototype = prototype or default_buffer_prototype()
         state = self._state
         if state is None:
-            from zarr.core.sync import sync
 
             state = sync(self.state())
         plan = self._plan(state, key, byte_range)
@@ -532,7 +530,6 @@ class MultiscaleStore(Store):
     ) -> list[Buffer | None]:
         # bounded like zarr's own chunk reads: a remote store gets at most
         # ``async.concurrency`` requests in flight
-        from zarr.core.config import config
 
         slots = asyncio.Semaphore(config.get("async.concurrency") or 10)
 

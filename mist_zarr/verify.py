@@ -33,8 +33,10 @@ import numpy as np
 import zarr
 
 from .codestream import CodestreamError, is_boundary, parse_codestream, prefix_lengths
+from .converters.sources import iter_sources
 from .errors import SourceIssue
 from .format import ATTR, CHECKSUM, DONE_DIR, IMAGE, INDEX, TMP_DIR, ImageInfo, chunk_crc
+from .reader import read_image
 from .storage import get_bytes, open_group
 
 __all__ = ["VerifyReport", "verify", "verify_image"]
@@ -368,7 +370,6 @@ def _verify_isolated(images: list[str], levels: bool, workers: int) -> list[Veri
 
 def _compare_sources(root: Path, images: list[Path], source: Any) -> VerifyReport:
     """Read the sources again as `convert` does and compare samples image by image."""
-    from .converters.sources import iter_sources
 
     report = VerifyReport()
     stored = {str(p.relative_to(root)) if p != root else p.name: p for p in images}
@@ -378,7 +379,6 @@ def _compare_sources(root: Path, images: list[Path], source: Any) -> VerifyRepor
             report.findings.append(_damaged(image.name, "source",
                                            "source image has no converted counterpart"))
             continue
-        from .reader import read_image
 
         try:
             back = read_image(target)

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from .access import open as open_level
+
 __all__ = [
     "BUNDLE_DIR",
     "PREFIX",
@@ -66,7 +68,6 @@ def render_plane(
     width / 2)) / width, 0, 1))``; inverted for MONOCHROME1. ``pos`` indexes
     the axes before ``y``.
     """
-    from .access import open as open_level
 
     image = open_level(source, scale=level)
     plane = np.asarray(image[tuple(pos)].values, dtype=np.float64)

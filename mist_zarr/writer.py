@@ -8,13 +8,19 @@ import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import imagecodecs
+import numcodecs
 import numpy as np
 import zarr
 from imagecodecs.zarr import Htj2k
+from zarr.codecs import BytesCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.dtype import parse_dtype
+from zarr.core.group import GroupMetadata
+from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.core.sync import sync
 
 from .codestream import CodestreamError, prefix_lengths
@@ -39,7 +45,7 @@ from .layout import (
     plane_axes,
     tile_shape,
 )
-from .storage import open_group, supports_sync_io
+from .storage import join_key, open_group, supports_sync_io
 from .values import choose_mapping
 
 __all__ = ["write_image"]
@@ -87,6 +93,125 @@ def _blocks(data: Any, n_lead: int) -> Iterator[tuple[tuple[int, ...], np.ndarra
         yield (0,) * n_lead, np.asarray(data)
 
 
+def _describe(data: Any, *, dims, spacing, affine, source_format, metadata, alpha, levels, tile,
+              quantize, name: str) -> tuple[ImageInfo, dict[str, Any]]:
+    """Check the request and describe the image to write; also the bulky metadata set apart."""
+    dims = _validate(data, dims)
+    if source_format not in SOURCE_FORMATS:
+        raise ValueError(f"source_format must be one of {SOURCE_FORMATS}, found {source_format!r}")
+    iy, ix = plane_axes(dims)
+    shape = tuple(int(s) for s in data.shape)
+    if 0 in shape:
+        raise ValueError(f"cannot store an empty image of shape {shape}")
+    plane = (shape[iy], shape[ix])
+    n = num_levels(plane, alpha) if levels is None else int(levels)
+    chunk_plane = tile_shape(plane, n, tile)
+    if n < 0 or (1 << n) > min(chunk_plane):
+        raise ValueError(
+            f"{n} decomposition levels need chunks of at least {1 << n} px, "
+            f"but the chunk plane is {chunk_plane}"
+        )
+    chunks = (1,) * iy + chunk_plane + tuple(shape[ix + 1 :])
+    mapping = choose_mapping(data, quantize=quantize, levels=n, name=name,
+                             value_range=getattr(data, "value_range", None))
+    if spacing is None:
+        spacing = (1.0,) * len(dims)
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != len(dims):
+        raise ValueError(f"spacing has {len(spacing)} values for dims {dims}")
+    affine = default_affine(dims, spacing) if affine is None else np.asarray(affine, float)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, found shape {affine.shape}")
+    metadata = dict(metadata or {})
+    bulky = {k: metadata.pop(k) for k in BULKY_METADATA if k in metadata}
+    if bulky:
+        metadata[SLICE_METADATA] = sorted(bulky)
+    info = ImageInfo(
+        dims=dims, shape=shape, chunks=chunks, levels=n, alpha=alpha, spacing=spacing,
+        affine=affine, values=mapping, source_format=source_format, metadata=metadata,
+        write_id=uuid.uuid4().hex,
+    )
+
+    return info, bulky
+
+
+@dataclass
+class _Nodes:
+    """The image group being written: its store, key prefix and array documents."""
+
+    group: zarr.Group
+    store: Any
+    prefix: str
+    arrays: dict[str, ArrayV3Metadata]
+    direct: bool  # the store has zarr's synchronous surface (local, memory)
+
+    def key(self, name: str, coords: tuple[int, ...]) -> str:
+        return join_key(self.prefix, name, self.arrays[name].encode_chunk_key(coords))
+
+    def put(self, key: str, data: bytes) -> None:
+        buf = _PROTOTYPE.buffer.from_bytes(data)
+        # Local and memory stores are written from the calling (encoder)
+        # thread; a hop through zarr's event loop per chunk would serialise
+        # the encoders and cost more than the write itself.
+        if self.direct:
+            self.store.set_sync(key, buf)
+        else:
+            sync(self.store.set(key, buf))
+
+    def put_small(self, name: str, values: np.ndarray) -> None:
+        """A one-chunk array's only chunk, encoded as its document says (bytes, zstd)."""
+        self.put(self.key(name, (0,) * values.ndim), _SMALL_COMPRESSOR.encode(
+            np.ascontiguousarray(values, values.dtype.newbyteorder("<")).tobytes()))
+
+    def finish(self, info: ImageInfo) -> None:
+        """Write the group document last: it carries the completion mark."""
+        doc = GroupMetadata(attributes={ATTR: info.to_json()}).to_buffer_dict(_PROTOTYPE)
+        self.put(join_key(self.prefix, "zarr.json"), doc["zarr.json"].to_bytes())
+
+
+_PROTOTYPE = default_buffer_prototype()
+# The index and checksums: one chunk each, zarr's default codecs for them.
+_SMALL_CODECS = (BytesCodec(endian="little"), ZstdCodec(level=0, checksum=False))
+_SMALL_COMPRESSOR = numcodecs.Zstd(level=0, checksum=False)
+
+
+def _array_document(shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...], codecs: Any,
+                    dims: tuple[str, ...]) -> ArrayV3Metadata:
+    return ArrayV3Metadata(
+        shape=shape, data_type=parse_dtype(np.dtype(dtype), zarr_format=3),
+        chunk_grid={"name": "regular", "configuration": {"chunk_shape": chunks}},
+        chunk_key_encoding={"name": "default", "configuration": {"separator": "/"}},
+        fill_value=0, codecs=codecs, attributes={}, dimension_names=dims,
+        storage_transformers=())
+
+
+def _create_nodes(dest: StoreLike, info: ImageInfo, index: np.ndarray, checksum: np.ndarray, *,
+                  overwrite: bool, storage_options: Mapping[str, Any] | None) -> _Nodes:
+    """The image group (not yet complete) and the documents of its image, index and checksums.
+
+    zarr creates the group (its overwrite and exists-already rules); the three
+    array documents, which zarr would write one event-loop round trip each,
+    are built here and written directly (the same bytes zarr writes).
+    """
+    group = open_group(dest, mode="w" if overwrite else "w-",
+                       storage_options=storage_options, attributes={ATTR: info.to_json()})
+    chunk_dims = tuple(f"{d}_chunk" for d in info.dims)
+    arrays = {
+        IMAGE: _array_document(info.shape, info.values.stored_dtype, info.chunks,
+                               [Htj2k.from_dict(codec_config(info.levels))], tuple(info.dims)),
+        INDEX: _array_document(index.shape, index.dtype, index.shape, _SMALL_CODECS,
+                               chunk_dims + ("level",)),
+        CHECKSUM: _array_document(checksum.shape, checksum.dtype, checksum.shape, _SMALL_CODECS,
+                                  chunk_dims),
+    }
+    store, prefix = group.store_path.store, group.store_path.path
+    nodes = _Nodes(group, store, prefix, arrays, supports_sync_io(store))
+    for name, doc in arrays.items():
+        nodes.put(join_key(prefix, name, "zarr.json"),
+                  doc.to_buffer_dict(_PROTOTYPE)["zarr.json"].to_bytes())
+    return nodes
+
+
 def write_image(
     dest: StoreLike,
     data: Any,
@@ -121,99 +246,48 @@ def write_image(
     """
     if not hasattr(data, "ndim"):
         data = np.asarray(data)
-    dims = _validate(data, dims)
-    if source_format not in SOURCE_FORMATS:
-        raise ValueError(f"source_format must be one of {SOURCE_FORMATS}, found {source_format!r}")
-    iy, ix = plane_axes(dims)
-    shape = tuple(int(s) for s in data.shape)
-    if 0 in shape:
-        raise ValueError(f"cannot store an empty image of shape {shape}")
-    plane = (shape[iy], shape[ix])
-    n = num_levels(plane, alpha) if levels is None else int(levels)
-    chunk_plane = tile_shape(plane, n, tile)
-    if n < 0 or (1 << n) > min(chunk_plane):
-        raise ValueError(
-            f"{n} decomposition levels need chunks of at least {1 << n} px, "
-            f"but the chunk plane is {chunk_plane}"
-        )
-    chunks = (1,) * iy + chunk_plane + tuple(shape[ix + 1 :])
-    mapping = choose_mapping(data, quantize=quantize, levels=n, name=str(dest),
-                             value_range=getattr(data, "value_range", None))
-    if spacing is None:
-        spacing = (1.0,) * len(dims)
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != len(dims):
-        raise ValueError(f"spacing has {len(spacing)} values for dims {dims}")
-    affine = default_affine(dims, spacing) if affine is None else np.asarray(affine, float)
-    if affine.shape != (4, 4):
-        raise ValueError(f"affine must be 4x4, found shape {affine.shape}")
-    metadata = dict(metadata or {})
-    bulky = {k: metadata.pop(k) for k in BULKY_METADATA if k in metadata}
-    if bulky:
-        metadata[SLICE_METADATA] = sorted(bulky)
-    info = ImageInfo(
-        dims=dims, shape=shape, chunks=chunks, levels=n, alpha=alpha, spacing=spacing,
-        affine=affine, values=mapping, source_format=source_format, metadata=metadata,
-        write_id=uuid.uuid4().hex,
-    )
-
-    grid = info.grid
+    info, bulky = _describe(data, dims=dims, spacing=spacing, affine=affine,
+                            source_format=source_format, metadata=metadata, alpha=alpha,
+                            levels=levels, tile=tile, quantize=quantize, name=str(dest))
+    n, grid = info.levels, info.grid
     index = np.zeros(grid + (n + 1,), np.uint64)
     checksum = np.zeros(grid, np.uint32)
-    chunk_dims = tuple(f"{d}_chunk" for d in dims)
 
-    def create() -> tuple[zarr.Group, zarr.Array]:
-        group = open_group(dest, mode="w" if overwrite else "w-",
-                           storage_options=storage_options, attributes={ATTR: info.to_json()})
-        image = group.create_array(
-            IMAGE, shape=shape, dtype=mapping.stored_dtype, chunks=chunks,
-            serializer=Htj2k.from_dict(codec_config(n)), compressors=None, fill_value=0,
-            dimension_names=dims,
-        )
-        group.create_array(INDEX, shape=index.shape, dtype=index.dtype, chunks=index.shape,
-                           fill_value=0, dimension_names=chunk_dims + ("level",))
-        group.create_array(CHECKSUM, shape=checksum.shape, dtype=checksum.dtype,
-                           chunks=checksum.shape, fill_value=0, dimension_names=chunk_dims)
-        return group, image
+    def create() -> _Nodes:
+        return _create_nodes(dest, info, index, checksum, overwrite=overwrite,
+                             storage_options=storage_options)
 
-    group = _write_chunks(create, data, info, index, checksum, threads, write_empty_chunks)
-    group[INDEX][...] = index
-    group[CHECKSUM][...] = checksum
+    nodes = _write_chunks(create, data, info, index, checksum, threads, write_empty_chunks)
+    nodes.put_small(INDEX, index)
+    nodes.put_small(CHECKSUM, checksum)
     if bulky:
         blob = np.frombuffer(json.dumps(bulky, separators=(",", ":")).encode(), np.uint8)
-        group.create_array(SLICE_METADATA, data=blob, chunks=blob.shape,
-                           dimension_names=("json_byte",))
+        nodes.group.create_array(SLICE_METADATA, data=blob, chunks=blob.shape,
+                                 dimension_names=("json_byte",))
     info = info.completed()
-    group.attrs.update({ATTR: info.to_json()})
+    nodes.finish(info)
     return info
 
 
-def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write_empty):
+def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write_empty) -> _Nodes:
     """Encode every chunk on a thread pool and store it; return the group.
 
     Encoding starts before ``create`` makes the zarr group and image array
     (that metadata round trip costs as much as encoding a few slices); the
     encoder threads wait for it only to store their first chunk.
     """
-    prototype = default_buffer_prototype()
+    # One function on purpose (~90 lines): ``put`` and ``encode`` are closures
+    # over the pool, the creation event, the lock and the failure list, which
+    # the submitting loop owns; split apart they would pass all of it around.
     created = threading.Event()
-    target: dict[str, Any] = {}
+    target: dict[str, _Nodes] = {}
 
     def put(coords: tuple[int, ...], encoded: bytes) -> str:
         created.wait()
-        if "image" not in target:
-            raise RuntimeError("the image array was not created")
-        image = target["image"]
-        key = f"{image.store_path.path}/{image.metadata.encode_chunk_key(coords)}"
-        store = image.store_path.store
-        buf = prototype.buffer.from_bytes(encoded)
-        # Stores with a synchronous surface (local, memory) are written from
-        # the encoder threads; a hop through zarr's event loop per chunk would
-        # serialise them and cost more than the write itself.
-        if target["direct"]:
-            store.set_sync(key, buf)
-        else:
-            sync(store.set(key, buf))
+        if "nodes" not in target:
+            raise RuntimeError("the image group was not created")
+        key = target["nodes"].key(IMAGE, coords)
+        target["nodes"].put(key, encoded)
         return key
 
     kwargs = encode_kwargs(info.levels)
@@ -266,8 +340,7 @@ def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write
                         futures.append(pool.submit(encode, coords, part))
             if not created.is_set():  # the first block: make the group meanwhile
                 try:
-                    target["group"], target["image"] = create()
-                    target["direct"] = supports_sync_io(target["image"].store_path.store)
+                    target["nodes"] = create()
                 finally:
                     created.set()  # on failure the waiting encoders raise and drain
             for f in futures:
@@ -275,4 +348,4 @@ def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write
             if failures:
                 raise failures[0]
             del block, planes, part, futures  # before the next block is read
-    return target["group"]
+    return target["nodes"]

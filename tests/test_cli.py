@@ -43,6 +43,41 @@ def test_errors_name_the_input_and_exit_nonzero(tmp_path):
     assert out.returncode == 2 and "missing.zarr" in out.stderr and "Traceback" not in out.stderr
 
 
+HEAVY = ("zarr", "numpy", "imagecodecs", "pandas", "pyarrow", "dask", "xarray", "pydicom",
+         "nibabel", "highdicom", "torch")
+
+_LOADED = """
+import sys
+{body}
+print("LOADED:" + ",".join(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("body", [
+    "import mist_zarr",
+    "from mist_zarr.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
+    "from mist_zarr.cli import main\ntry:\n    main(['convert', '--help'])\nexcept SystemExit:\n    pass",
+], ids=["import", "help", "convert-help"])
+def test_start_up_loads_no_heavy_dependency(body):
+    out = subprocess.run([sys.executable, "-c", _LOADED.format(body=body, heavy=HEAVY)],
+                         capture_output=True, text=True, check=True).stdout
+    loaded = out.rsplit("LOADED:", 1)[1].strip()
+    assert loaded == "", f"loaded at start-up: {loaded}"
+
+
+def test_lazy_names_are_the_functions_even_after_their_modules_load():
+    import mist_zarr.convert  # noqa: F401 - the submodule, loaded first on purpose
+    import mist_zarr.export  # noqa: F401
+    import mist_zarr.verify  # noqa: F401
+
+    for name in ("convert", "export", "verify"):
+        assert callable(getattr(mist_zarr, name)) and not isinstance(getattr(mist_zarr, name),
+                                                                    type(mist_zarr))
+    assert set(mist_zarr.__all__) <= set(dir(mist_zarr))
+    for name in mist_zarr.__all__:
+        assert getattr(mist_zarr, name) is not None
+
+
 def _gradient_png(path):
     """A real 8-bit grayscale PNG file (written by Pillow)."""
     from PIL import Image

@@ -203,3 +203,49 @@ def test_file_url_destination(tmp_path):
     again = convert(tmp_path / "a.nii.gz", url, skip_existing=True)
     assert [r.status for r in again.converted] == ["existing"]
     assert (tmp_path / "ds" / "failures.csv").exists()
+
+
+@pytest.mark.parametrize("series", [("mr", "dcm_qa_nih"), ("mr", "dcm_qa_xa30"),
+                                    ("ct", "CRLM-CT-1004")])
+def test_headers_kept_from_the_scan_change_nothing(series, tmp_path, monkeypatch):
+    """The read takes the scan's header snapshots; the images must be what a fresh parse gives."""
+    import json
+
+    from mist_zarr.converters.dicom import header
+
+    calls = {"n": 0}
+    real = header._read_header
+
+    def counting(path):
+        calls["n"] += 1
+        return real(path)
+
+    monkeypatch.setattr(header, "_read_header", counting)
+    kept = convert(shared(*series), tmp_path / "kept", progress=False)
+    parsed_kept = calls["n"]
+    monkeypatch.setattr(header, "KEPT_HEADER_BUDGET", 0)
+    calls["n"] = 0
+    fresh = convert(shared(*series), tmp_path / "fresh", progress=False)
+    assert kept.ok == fresh.ok and len(kept.converted) == len(fresh.converted) > 0
+    # (the scan has its own reference to _read_header: only the read's parses are counted)
+    assert parsed_kept == 0 and calls["n"] >= len(kept.converted)
+    assert not header._kept  # nothing left behind after the conversion
+
+    def documents(root):
+        out = {}
+        for p in sorted(root.rglob("*")):
+            rel = p.relative_to(root).as_posix()
+            if p.is_file() and not rel.startswith((".mist", "catalog", "failures")):
+                data = p.read_bytes()
+                if p.name == "zarr.json":
+                    doc = json.loads(data)
+                    mist = doc.get("attributes", {}).get("mist", {})
+                    mist.pop("write_id", None)  # ids of the write and the run differ, by design
+                    mist.get("metadata", {}).pop("convert_run", None)
+                    data = json.dumps(doc, sort_keys=True).encode()
+                out[rel] = data
+        return out
+
+    a, b = documents(tmp_path / "kept"), documents(tmp_path / "fresh")
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []

@@ -489,6 +489,74 @@ def test_tree_with_bad_files_reads_the_good_series(tmp_path: Path) -> None:
         read_dicom_series([*result.series[0].files, str(extra)])
 
 
+def _broken_copy(src: str, dst: Path) -> Path:
+    """A copy of ``src`` (same SOPInstanceUID) whose header reads but whose JPEG 2000
+    pixel data does not decode: what the scan cannot tell from a good copy."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = pydicom.dcmread(src)
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(range(60))])
+    ds["PixelData"].VR = "OB"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+def test_a_broken_copy_of_an_instance_falls_back_to_the_good_one(tmp_path: Path) -> None:
+    good = _ct5n()
+    folder = tmp_path / "series"
+    for f in good:
+        _copy(f, folder / f"b_{os.path.basename(f)}")
+    broken = _broken_copy(good[2], folder / "a_broken.dcm")  # sorts first: scanned first
+    with pytest.raises(DicomError):
+        read_dicom_series([str(broken)])  # it is broken indeed
+
+    result = scan_dicom(folder)
+    (ref,) = result.series
+    assert len(ref.files) == 5 and str(broken) in ref.files
+    (copy,) = ref.copies[str(broken)]
+    assert Path(copy).name == f"b_{os.path.basename(good[2])}"
+    assert [Path(i.source).name for i in result.skipped] == [Path(copy).name]
+    (vol,) = read_dicom_series(ref)
+    assert vol.data.shape == (5, 16, 16) and copy in vol.source_files
+    assert str(broken) not in vol.source_files
+    _assert_slices_match_sources(vol)
+    assert any("a_broken.dcm" in w and "failed" in w for w in vol.warnings), vol.warnings
+    # the same through the convert hook: one image, nothing failed
+    problems: list[SourceIssue] = []
+    (image,) = dcm.dicom_sources(folder, problems=problems)
+    assert np.array_equal(image.data, vol.data)
+    assert [p.kind for p in problems] == ["skipped"]
+
+
+def test_copies_of_an_instance_with_different_pixels_are_a_conflict(tmp_path: Path) -> None:
+    good = _ct5n()
+    folder = tmp_path / "series"
+    for f in good:
+        _copy(f, folder / os.path.basename(f))
+    ds = pydicom.dcmread(good[1])
+    other = ds.pixel_array.copy()
+    other[3, 4] += 1
+    ds.PixelData = other.tobytes()
+    ds.save_as(folder / "edited.dcm", enforce_file_format=True)
+    identical = _copy(good[3], folder / "zz_identical.dcm")  # a faithful copy is fine
+
+    (ref,) = scan_dicom(folder).series
+    assert sum(len(c) for c in ref.copies.values()) == 2 and str(identical) not in ref.files
+    with pytest.raises(DicomError, match="conflict: .* share SOPInstanceUID .* pixel data differ"):
+        read_dicom_series(ref)
+    problems: list[SourceIssue] = []
+    assert list(dcm.dicom_sources(folder, problems=problems)) == []
+    (failed,) = [p for p in problems if p.kind == "failed"]
+    assert "conflict" in failed.reason and "edited.dcm" in failed.reason
+    # without the edited copy the identical one is no conflict
+    (folder / "edited.dcm").unlink()
+    (vol,) = read_dicom_series(scan_dicom(folder).series[0])
+    _assert_slices_match_sources(vol)
+
+
 def _stack(
     tmp_path: Path, positions_mm: list[float], shift=lambda k: (0.0, 0.0), **per_file
 ) -> list[Path]:

@@ -149,3 +149,17 @@ def test_progress_bar_counts_series_done_across_workers(tmp_path):
     states = [s for s in run.stderr.replace("\r", "\n").splitlines() if s.startswith("convert:")]
     assert any("3/3" in s and "3 images, 0 failed" in s and "MB in ->" in s for s in states), states
     assert any("1/3" in s for s in states) and "series" in states[-1]
+
+
+def test_one_series_with_workers_runs_here_without_a_cluster(tmp_path, monkeypatch):
+    # a cluster costs seconds of start-up and one unit has nothing to share
+    import distributed
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cluster was started for a single series")
+
+    monkeypatch.setattr(distributed, "LocalCluster", refuse)
+    expected = make_tree(tmp_path / "src", 1)
+    report = convert(tmp_path / "src", tmp_path / "ds", workers=2)
+    assert report.ok and len(report.converted) == 1
+    check(tmp_path / "ds", expected)

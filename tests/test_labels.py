@@ -275,6 +275,58 @@ def test_mask_exports_to_png_index_and_false_colour(converted, tmp_path):
     assert seen[0] == (0, 0, 0) and len(set(seen.values())) == len(seen)
 
 
+@pytest.mark.parametrize("k", [0, 1])
+def test_mask_exports_to_a_dicom_seg_over_its_image_series(converted, tmp_path, k):
+    import highdicom as hd
+    import pydicom
+
+    dest, image, mask, _ = converted
+    result = mist_zarr.export(dest / mask, tmp_path / "seg", format="dicom", scale=k)
+    seg = hd.seg.segread(tmp_path / "seg" / "seg.dcm")
+    series = sorted((tmp_path / "seg" / "image").glob("*.dcm"))
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in series]
+    # the instances referenced are those any DICOM export of the image at level k gives
+    again = mist_zarr.export(dest / image, tmp_path / "again", format="dicom", scale=k)
+    assert uids == [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                    for f in sorted(again.files)]
+    stored = mist_zarr.open(dest / mask, scale=k).values
+    values = [int(v) for v in np.unique(stored) if v]
+    assert [int(n) for n in seg.segment_numbers] == list(range(1, len(values) + 1))
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids,
+                                               combine_segments=False)
+    assert pixels.shape[:3] == stored.shape
+    for n, value in enumerate(values, start=1):
+        item = seg.get_segment_description(n)
+        assert item.tracking_id == f"mist-zarr label value {value}"
+        np.testing.assert_array_equal(pixels[..., n - 1].astype(bool), stored == value)
+    assert any("renumbered" in note for note in result.notes) == (values != list(
+        range(1, len(values) + 1)))
+
+
+def test_cli_exports_a_mask_as_seg_and_in_false_colour(converted, tmp_path):
+    from PIL import Image
+
+    dest, _, mask, _ = converted
+    for fmt, extra, out in (("dicom", [], "seg"), ("png", ["--colour"], "png")):
+        run = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "export", str(dest / mask),
+                              str(tmp_path / out), "--format", fmt, "--scale", "2", *extra],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert "at level 2" in run.stdout
+    assert (tmp_path / "seg" / "seg.dcm").is_file()
+    assert np.asarray(Image.open(sorted((tmp_path / "png").glob("*.png"))[0])).shape[-1] == 3
+
+
+def test_a_mask_of_a_nifti_image_is_refused_as_dicom_seg(tmp_path):
+    volume = np.zeros((4, 64, 64), np.int16)
+    mist_zarr.write_image(tmp_path / "img", volume, source_format="nifti")
+    _, info = mist_zarr.open_image(tmp_path / "img")
+    write_labels(tmp_path / "m", np.ones((4, 64, 64), np.uint8), dims=("z", "y", "x"),
+                 spacing=info.spacing, affine=info.affine, image="img", levels=info.levels)
+    with pytest.raises(mist_zarr.errors.ExportError, match="came from nifti"):
+        mist_zarr.export(tmp_path / "m", tmp_path / "out", format="dicom")
+
+
 # -- loader ------------------------------------------------------------------------------
 @pytest.mark.parametrize("how", [{"scale": 2}, {"size": 200}, {}])
 def test_dataset_yields_image_mask_pairs_at_the_chosen_level(converted, how):

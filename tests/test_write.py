@@ -148,6 +148,29 @@ def test_existing_store_is_not_overwritten_unless_asked(tmp_path):
     np.testing.assert_array_equal(mist_zarr.read_image(tmp_path / "a.zarr"), a * 2)
 
 
+@pytest.mark.parametrize("shape, dims", [((3, 40, 56), None), ((2, 3, 32, 32), None),
+                                         ((24, 20, 3), ("y", "x", "c"))])
+def test_documents_written_directly_are_what_zarr_writes(tmp_path, shape, dims):
+    """The writer builds the array documents itself; zarr must read them as its own."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    data = np.arange(np.prod(shape)).reshape(shape).astype(np.uint16)
+    info = mist_zarr.write_image(tmp_path / "img", data, dims=dims)
+    group = zarr.open_group(tmp_path / "img", mode="r")
+    docs = {"zarr.json": group.metadata}
+    docs.update({f"{name}/zarr.json": group[name].metadata for name in ("image", INDEX, CHECKSUM)})
+    for key, metadata in docs.items():
+        stored = json.loads((tmp_path / "img" / key).read_text())
+        rewritten = json.loads(metadata.to_buffer_dict(default_buffer_prototype())[
+            "zarr.json"].to_bytes())
+        assert stored == rewritten, key
+    np.testing.assert_array_equal(group["image"][...], data)  # zarr's own codec pipeline
+    index = group[INDEX][...]
+    assert index.shape == info.grid + (info.levels + 1,) and (index[..., 0] > 0).all()
+    assert (group[CHECKSUM][...] > 0).all()
+    np.testing.assert_array_equal(index, mist_zarr.read_index(group))
+
+
 def test_interrupted_write_never_looks_complete(tmp_path, monkeypatch, phantom):
     import mist_zarr.writer as writer
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -23,8 +24,17 @@ import zarr
 from zarr.storage import StorePath
 
 from ..converters.base import SourceImage
+from ..converters.dicom.rtstruct import rasterise, read_rtstruct
+from ..converters.dicom.seg import (
+    read_seg,
+    referenced_series,
+    seg_on_instances,
+    seg_own_geometry,
+    segment_records,
+)
 from ..errors import ConversionError
 from ..labels import align_to, same_grid, write_labels
+from ..reader import read_metadata
 from .listing import image_infos
 from .report import SeriesResult
 
@@ -74,9 +84,6 @@ def _seg_image(root: zarr.Group, image: SourceImage) -> tuple[str, Any] | None:
     Fills ``image`` (data, dims, geometry, segments, warnings) and returns the linked
     image's (path, info), or None.
     """
-    from ..converters.dicom.seg import (read_seg, referenced_series, seg_on_instances,
-                                        seg_own_geometry, segment_records)
-    from ..reader import read_metadata
 
     path = image.metadata.pop("seg_file")
     seg = read_seg(path)
@@ -108,7 +115,6 @@ def _seg_image(root: zarr.Group, image: SourceImage) -> tuple[str, Any] | None:
 def _rtstruct_image(root: zarr.Group, image: SourceImage) -> tuple[str, Any]:
     """Rasterise an RTSTRUCT onto the dataset image of its frame of reference (refused when
     there is none: contours have no grid of their own)."""
-    from ..converters.dicom.rtstruct import rasterise, read_rtstruct
 
     path = image.metadata.pop("rtstruct_file")
     frame, rois = read_rtstruct(path)
@@ -130,7 +136,6 @@ def _rtstruct_image(root: zarr.Group, image: SourceImage) -> tuple[str, Any]:
 
 
 def _with_segments(info: Any, n: int) -> Any:
-    from dataclasses import replace
 
     return replace(info, dims=("segment",) + tuple(info.dims), shape=(n,) + tuple(info.shape),
                    spacing=(1.0,) + tuple(info.spacing))

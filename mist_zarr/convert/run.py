@@ -15,6 +15,7 @@ import zarr
 
 from ..catalog import CATALOG, FAILURES, update_catalog, update_failures
 from ..converters.base import DEFAULT_MAX_BYTES
+from ..converters.dicom import forget_headers
 from ..converters.sources import Unit, plan
 from ..errors import ConversionError, SourceIssue
 from ..format import DATASET_ATTR, FORMAT_VERSION
@@ -88,10 +89,17 @@ def convert(
     # images before masks: a mask is aligned to, and linked with, an image already stored
     units.sort(key=lambda u: (u.kind != "dicom", _maybe_labels(u, labels)))
     report.problems += problems
+    if workers and not scheduler and len(units) <= 1:
+        # A local cluster takes seconds to start (each process imports the whole
+        # stack); a single unit has nothing to share, so it runs here on all threads.
+        workers = None
     options = Options(overwrite, skip_existing, alpha, quantize, max_bytes, batch_bytes,
                       threads if not (workers or scheduler) else (threads or 1),
                       uuid.uuid4().hex, storage_options, labels)
-    _run(units, dest, options, workers, scheduler, report, progress)
+    try:
+        _run(units, dest, options, workers, scheduler, report, progress)
+    finally:
+        forget_headers()  # the scan's headers not read by now will not be
     if local is not None:  # scratch left by workers killed during this run
         clean_scratch(local)
     _update_catalog(root, report)

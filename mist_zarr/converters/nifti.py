@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import io
 from pathlib import Path
@@ -11,12 +12,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import ExportError
+from ..modality import PHILIPS, PHILIPS_SCALINGS, Rescale, find_rescale, rescaled_dtype
+from ..reader import read_metadata
 from .base import (
     ConversionError,
     ExportResult,
     SourceImage,
     StoredImage,
-    dicom_rescale,
     missing_dependency,
     safe_name,
 )
@@ -70,7 +72,6 @@ def _load(nib: Any, path: Path) -> Any:
 
 def _file_header(nib: Any, img: Any, path: Path) -> Any:
     """The header exactly as in the file (nibabel moves scl_* into the data proxy on load)."""
-    import io
 
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
@@ -110,6 +111,38 @@ def read_nifti(path: str | Path, *, max_bytes: int | None = None) -> SourceImage
 
 
 read = read_nifti  # the registry's name for a single-file reader
+
+
+def _nifti_metadata(nib: Any, img: Any, header: Any, rgb: bool) -> tuple[dict[str, Any], str]:
+    """The ``nifti`` record kept with the image (everything export needs to write it back)."""
+    dtype = header.get_data_dtype()
+    space_unit, time_unit = header.get_xyzt_units()
+    slope, inter = header.get_slope_inter()
+    if slope is None:  # unscaled in the header; nibabel reports 1/0 in the proxy
+        slope, inter = None, None
+    sform, sform_code = header.get_sform(coded=True)
+    qform, qform_code = header.get_qform(coded=True)
+    metadata = {
+        "nifti": {
+            "version": 2 if isinstance(img, nib.Nifti2Image) else 1,
+            "header": _header_json(header),
+            "header_bytes": base64.b64encode(header.binaryblock).decode("ascii"),
+            "extensions": [
+                {"code": int(e.get_code()),
+                 "content": base64.b64encode(e.get_content() if isinstance(e.get_content(), bytes)
+                                             else e._mangle(e.get_content())).decode("ascii")}
+                for e in img.header.extensions
+            ],
+            "scl_slope": slope, "scl_inter": inter,
+            "sform": None if sform is None else sform.tolist(), "sform_code": int(sform_code),
+            "qform": None if qform is None else qform.tolist(), "qform_code": int(qform_code),
+            "units": {"space": space_unit, "time": time_unit},
+            "intent": list(header.get_intent()),
+            "descrip": header["descrip"].tobytes().rstrip(b"\x00").decode("latin-1"),
+            "dtype": dtype.name if not rgb else dtype.descr,
+        }
+    }
+    return metadata, space_unit
 
 
 def _read_nifti(path: str | Path, max_bytes: int | None) -> SourceImage:
@@ -159,32 +192,7 @@ def _read_nifti(path: str | Path, max_bytes: int | None) -> SourceImage:
         data = np.ascontiguousarray(
             data.view(np.uint8).reshape(data.shape + (len(dtype.names),)))
         dims, spacing = dims + ("c",), spacing + (1.0,)
-    space_unit, time_unit = header.get_xyzt_units()
-    slope, inter = header.get_slope_inter()
-    if slope is None:  # unscaled in the header; nibabel reports 1/0 in the proxy
-        slope, inter = None, None
-    sform, sform_code = header.get_sform(coded=True)
-    qform, qform_code = header.get_qform(coded=True)
-    metadata = {
-        "nifti": {
-            "version": 2 if isinstance(img, nib.Nifti2Image) else 1,
-            "header": _header_json(header),
-            "header_bytes": base64.b64encode(header.binaryblock).decode("ascii"),
-            "extensions": [
-                {"code": int(e.get_code()),
-                 "content": base64.b64encode(e.get_content() if isinstance(e.get_content(), bytes)
-                                             else e._mangle(e.get_content())).decode("ascii")}
-                for e in img.header.extensions
-            ],
-            "scl_slope": slope, "scl_inter": inter,
-            "sform": None if sform is None else sform.tolist(), "sform_code": int(sform_code),
-            "qform": None if qform is None else qform.tolist(), "qform_code": int(qform_code),
-            "units": {"space": space_unit, "time": time_unit},
-            "intent": list(header.get_intent()),
-            "descrip": header["descrip"].tobytes().rstrip(b"\x00").decode("latin-1"),
-            "dtype": dtype.name if not rgb else dtype.descr,
-        }
-    }
+    metadata, space_unit = _nifti_metadata(nib, img, header, rgb)
     warnings = []
     if space_unit not in ("mm", "unknown"):
         warnings.append(f"spatial unit is {space_unit!r}; spacing and affine are kept as stored")
@@ -201,15 +209,32 @@ def _read_nifti(path: str | Path, max_bytes: int | None) -> SourceImage:
 
 
 # -- export ------------------------------------------------------------------------
-def export(image: StoredImage, out: Path, *, intent: str | None = None) -> ExportResult:
+def export(image: StoredImage, out: Path, *, intent: str | None = None,
+           philips_scaling: str = "precise") -> ExportResult:
     """Write the level as one NIfTI file (``.nii.gz`` unless ``out`` ends in ``.nii``).
 
     A NIfTI-sourced image gets its own header back (pixdim and s/qform scaled
     at reduced levels); any other image a NIfTI-1 header with its affine.
+    A DICOM-sourced image's rescale becomes ``scl_slope`` / ``scl_inter`` as
+    dcm2niix writes it: ``philips_scaling="precise"`` (dcm2niix's default)
+    gives Philips MR files with the private scale slope their floating-point
+    values, ``"display"`` (dcm2niix ``-p n``) the DICOM display values. A
+    rescale that varies between slices cannot be one ``scl_*`` pair: those
+    voxels are written as float32 rescaled values, and a note says so.
     """
     import nibabel as nib
 
+    if philips_scaling not in PHILIPS_SCALINGS:
+        raise ExportError(f"philips_scaling must be one of {', '.join(PHILIPS_SCALINGS)}, "
+                          f"found {philips_scaling!r}")
     info, k, data = image.info, image.level, image.values
+    notes: list[str] = []
+    meta = info.metadata.get("nifti") if isinstance(info.metadata, dict) else None
+    rescale = None if meta else _dicom_scaling(image, philips_scaling, notes)
+    precise = rescale is not None and PHILIPS in rescale.source
+    if rescale is not None and rescale.varies:
+        data = rescale.apply(data)  # float32 / float64 modality values, slice by slice
+        rescale = None
     if "c" in info.dims:  # NIfTI RGB24 / RGBA32: one structured voxel per colour sample
         if data.dtype != np.uint8:
             raise ExportError(f"{image.source}: NIfTI colour voxels are 8-bit; this image is "
@@ -221,8 +246,6 @@ def export(image: StoredImage, out: Path, *, intent: str | None = None) -> Expor
         spatial = data.T  # ([t,] z, y, x) -> (x, y, z[, t])
     if spatial.ndim == 2:
         spatial = spatial[:, :, np.newaxis]
-    meta = info.metadata.get("nifti") if isinstance(info.metadata, dict) else None
-    notes: list[str] = []
     if meta:
         img = _with_source_header(nib, spatial, info, k, meta, notes)
     else:
@@ -231,16 +254,56 @@ def export(image: StoredImage, out: Path, *, intent: str | None = None) -> Expor
         img.header.set_sform(affine, 1)  # scanner-based anatomical coordinates
         img.header.set_qform(affine, 1)
         img.header.set_xyzt_units("mm", "sec")
-        img.header["descrip"] = f"mist-zarr level {k} of {info.source_format}"[:79].encode()
-        rescale = dicom_rescale(info)
+        scaled = "; philips precise scaling" if precise else ""
+        img.header["descrip"] = (f"mist-zarr level {k} of {info.source_format}"
+                                 f"{scaled}")[:79].encode()
         if rescale is not None:
-            img.header.set_slope_inter(*rescale)
+            img.header.set_slope_inter(float(rescale.slope), float(rescale.intercept))
     if intent is not None:  # a label map: NIFTI_INTENT_LABEL
         img.header.set_intent(intent)
     name = out if out.suffix in (".nii", ".gz") else out.with_name(out.name + ".nii.gz")
     name.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, name)
     return ExportResult("nifti", k, [str(name)], notes)
+
+
+def _dicom_scaling(image: StoredImage, philips: str, notes: list[str]) -> Rescale | None:
+    """The rescale a DICOM-sourced image's NIfTI carries (None: none), with notes saying which."""
+    info = image.info
+    if not isinstance(info.metadata, dict) or not isinstance(info.metadata.get("dicom"), dict):
+        return None
+    leading = tuple(info.shape[: info.dims.index("y")])
+    per_slice = functools.cache(lambda: read_metadata(image.group))
+    precise = find_rescale(info.metadata, leading, per_slice, philips="precise").uniform()
+    rescale = precise if philips == "precise" else find_rescale(
+        info.metadata, leading, per_slice, philips="display").uniform()
+    # geometry the affine cannot tell (uneven slices, tilt) must reach whoever reads the NIfTI
+    notes += [f"source: {w}" for w in info.metadata.get("warnings", []) if "slice" in w]
+    if _enhanced_4d(info):
+        notes.append("4-D volume order: as the enhanced file's dimension index orders frames "
+                     "(TemporalPositionIndex, then DimensionIndexValues, the first index varying "
+                     "slowest); dcm2niix orders volumes by its own rules, which may differ")
+    if rescale.source == "none":
+        notes.append("scaling: none (the DICOM source has no rescale)")
+        return None
+    if rescale.varies:
+        notes.append(f"scaling varies between slices ({rescale.source}): one scl_slope/scl_inter "
+                     "cannot hold it, so the voxels are the rescaled values in "
+                     f"{rescaled_dtype(image.values.dtype)} with scl_slope 1 (the stored "
+                     "integers and the per-slice rescale stay in the store)")
+    else:
+        notes.append(f"scaling: {rescale.source}: scl_slope {float(rescale.slope):.9g}, "
+                     f"scl_inter {float(rescale.intercept):.9g}")
+    if PHILIPS in precise.source:  # dcm2niix's sidecar key, for a file with the private slope
+        used = int(rescale is precise)
+        notes.append(f"UsePhilipsFloatNotDisplayScaling: {used} (Philips private scale slope "
+                     f"2005,100E {'applied' if used else 'ignored: DICOM display values'})")
+    return rescale
+
+
+def _enhanced_4d(info: Any) -> bool:
+    dicom = info.metadata.get("dicom", {})
+    return "t" in info.dims and "52009229" in dicom  # SharedFunctionalGroupsSequence
 
 
 def _with_source_header(nib: Any, spatial: np.ndarray, info: Any, k: int, meta: dict[str, Any],

@@ -7,8 +7,11 @@ Two steps:
   SeriesNumber are kept apart; files without a UID are grouped by folder and
   series attributes). Files that are not DICOM, unreadable or truncated are
   listed in ``ScanResult.rejected``; DICOM objects without an image (SR, SEG,
-  RTSTRUCT, RTPLAN, PR, KO, DICOMDIR ...) and duplicate instances in
-  ``ScanResult.skipped``. Nothing is raised for a bad file.
+  RTSTRUCT, RTPLAN, PR, KO, DICOMDIR ...) and further copies of an instance
+  (same SOPInstanceUID) in ``ScanResult.skipped``. Nothing is raised for a
+  bad file. A series keeps every copy of an instance (``SeriesRef.copies``):
+  reading uses the first copy that decodes and refuses copies whose pixels
+  differ (a conflict), so a broken first copy never loses the image.
 * :func:`read_dicom_series` turns one series into one or more
   :class:`DicomVolume` (a series splits into several stacks when its images
   differ in orientation, matrix, pixel format, echo, image type or
@@ -87,6 +90,7 @@ from __future__ import annotations
 from ...errors import DicomError
 from ..base import DEFAULT_MAX_BYTES
 from .export import export_dicom
+from .header import forget_headers
 from .jsonmodel import BULK_DATA_THRESHOLD
 from .naming import suggest_name
 from .scan import ScanResult, SeriesRef, scan_dicom
@@ -94,6 +98,7 @@ from .series import dicom_sources, iter_dicom_volumes, read_dicom_series
 from .volume import DicomVolume
 
 __all__ = [
+    "forget_headers",
     "BULK_DATA_THRESHOLD",
     "DEFAULT_MAX_BYTES",
     "FORMAT",

@@ -7,8 +7,10 @@ that are not readable DICOM, "skipped" for DICOM objects without an image).
 
 from __future__ import annotations
 
+import copy
 import os
 import struct
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,6 +125,78 @@ def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
     except Exception as exc:
         raise _Refused(path, f"unreadable DICOM header ({one_line(exc)})") from None
     return ds, captured.get("tag"), loc
+
+
+# -- headers kept from the scan for the read ------------------------------------------
+# The scan parses every header; converting a series needs the same headers
+# again. Each scanned header is kept as an unparsed snapshot (the read
+# fingerprints elements before any is parsed, so it must see them raw),
+# keyed on the file's size and mtime, until the read takes it: a converted
+# file's header is parsed once. Kept while their estimated size fits the
+# budget (a parsed header costs about 3x its bytes on disk); files past it
+# are read again.
+KEPT_HEADER_BUDGET = 256 << 20
+_HEADER_COST = 3
+_kept: dict[str, tuple[tuple[int, int], tuple[Any, int | None, _PixelLoc | None], int]] = {}
+_kept_bytes = 0
+_kept_lock = threading.Lock()
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def raw_copy(result: tuple[Any, int | None, _PixelLoc | None]
+             ) -> tuple[Any, int | None, _PixelLoc | None]:
+    """A copy of a :func:`_read_header` result whose elements stay unparsed when the
+    original's are parsed (the raw elements are immutable and shared)."""
+    ds, tag, loc = result
+    snapshot = copy.copy(ds)
+    object.__setattr__(snapshot, "_dict", dict(ds._dict))
+    return snapshot, tag, loc
+
+
+def keep_header(path: str, raw: tuple[Any, int | None, _PixelLoc | None]) -> None:
+    """Keep ``raw`` (from :func:`raw_copy`) for :func:`load_header`, within the budget."""
+    global _kept_bytes
+    loc = raw[2]
+    cost = _HEADER_COST * (loc.start if loc is not None else 0)
+    if loc is None:
+        return
+    with _kept_lock:
+        if path in _kept or _kept_bytes + cost > KEPT_HEADER_BUDGET:
+            return
+        try:
+            _kept[path] = (_stamp(path), raw, cost)
+        except OSError:
+            return
+        _kept_bytes += cost
+
+
+def load_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
+    """The header the scan kept for ``path`` if the file is unchanged, else read anew."""
+    global _kept_bytes
+    with _kept_lock:
+        entry = _kept.pop(path, None)
+        if entry is not None:
+            _kept_bytes -= entry[2]
+    if entry is not None:
+        try:
+            if _stamp(path) == entry[0]:
+                return entry[1]
+        except OSError:
+            pass
+    return _read_header(path)
+
+
+def forget_headers() -> None:
+    """Drop every kept header (at the end of a conversion: what was not read by now
+    will not be)."""
+    global _kept_bytes
+    with _kept_lock:
+        _kept.clear()
+        _kept_bytes = 0
 
 
 def _check_pixel_extent(path: str, fp: Any, ds: Any, ts: Any, captured: dict[str, Any]) -> _PixelLoc:
@@ -263,7 +337,7 @@ class _FileInfo:
 def _load_file(path: str, builder: _JsonBuilder) -> _FileInfo:
     """Read one file's header into a _FileInfo; raises DicomError naming the file."""
     try:
-        ds, pixel_tag, loc = _read_header(path)
+        ds, pixel_tag, loc = load_header(path)
     except _Refused as r:
         raise DicomError(f"{path}: {r.issue.reason}") from None
     # fingerprint before any attribute is parsed, so that every file is compared in the same state

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from ...errors import SourceIssue
-from .header import _non_image_reason, _read_header, _Refused
+from .header import _non_image_reason, _read_header, _Refused, keep_header, raw_copy
 from .tags import _int, _text
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -22,7 +22,9 @@ class SeriesRef:
 
     ``key`` is the grouping identity: the SeriesInstanceUID, or for files
     without one a ``no-series-uid:<hash>`` of their folder and series
-    attributes (``warnings`` then says so).
+    attributes (``warnings`` then says so). ``copies`` maps a file of
+    ``files`` to the other files holding the same SOPInstanceUID, in scan
+    order: reading falls back to them when that file fails to decode.
     """
 
     uid: str
@@ -38,6 +40,7 @@ class SeriesRef:
     n_frames: int = 0
     key: str = ""
     warnings: list[str] = field(default_factory=list)
+    copies: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -46,7 +49,7 @@ class ScanResult:
 
     series: list[SeriesRef]
     rejected: list[SourceIssue]  # kind "rejected": not DICOM, unreadable or truncated
-    skipped: list[SourceIssue]  # kind "skipped": no image, or a duplicate instance
+    skipped: list[SourceIssue]  # kind "skipped": no image, or another copy of an instance
 
 
 def _iter_files(paths: Iterable[PathLike] | PathLike) -> Iterator[tuple[str, bool]]:
@@ -66,7 +69,7 @@ def _iter_files(paths: Iterable[PathLike] | PathLike) -> Iterator[tuple[str, boo
 
 def _scan(paths: Iterable[PathLike] | PathLike) -> tuple[ScanResult, set[str]]:
     groups: dict[tuple[str, str], SeriesRef] = {}
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, SeriesRef]] = {}  # SOPInstanceUID -> first file, its series
     rejected: list[SourceIssue] = []
     skipped: list[SourceIssue] = []
     explicit: set[str] = set()
@@ -75,7 +78,9 @@ def _scan(paths: Iterable[PathLike] | PathLike) -> tuple[ScanResult, set[str]]:
         if named:
             explicit.add(path)
         try:
-            ds, pixel_tag, _ = _read_header(path)
+            header = _read_header(path)
+            raw = raw_copy(header)  # before the checks below parse any element
+            ds, pixel_tag, _ = header
             refusal = _non_image_reason(ds, pixel_tag)
             if refusal:
                 kind, reason = refusal
@@ -85,16 +90,17 @@ def _scan(paths: Iterable[PathLike] | PathLike) -> tuple[ScanResult, set[str]]:
             continue
         sop_uid = _text(ds, "SOPInstanceUID")
         if sop_uid and sop_uid in seen:
+            first, owner = seen[sop_uid]
+            owner.copies.setdefault(first, []).append(path)
             skipped.append(
                 SourceIssue(
                     path,
-                    f"duplicate SOPInstanceUID {sop_uid} (same instance as {seen[sop_uid]})",
+                    f"duplicate SOPInstanceUID {sop_uid} (same instance as {first}; read "
+                    "instead if that copy fails to decode, compared with it otherwise)",
                     kind="skipped",
                 )
             )
             continue
-        if sop_uid:
-            seen[sop_uid] = path
         uid = _text(ds, "SeriesInstanceUID")
         base = uid or _fallback_series_key(path, ds)
         number = _text(ds, "SeriesNumber")
@@ -117,6 +123,9 @@ def _scan(paths: Iterable[PathLike] | PathLike) -> tuple[ScanResult, set[str]]:
                 study_description=_text(ds, "StudyDescription"),
             )
         ref.files.append(path)
+        if sop_uid:
+            seen[sop_uid] = (path, ref)
+        keep_header(path, raw)  # for the read of this series: one parse per header
         sop_class = _text(ds, "SOPClassUID")
         if sop_class and sop_class not in ref.sop_classes:
             ref.sop_classes.append(sop_class)
@@ -154,7 +163,8 @@ def scan_dicom(paths: Iterable[PathLike] | PathLike) -> ScanResult:
     """Scan files and folders (recursively), reading headers only, and group images by series.
 
     Non-DICOM, unreadable and truncated files go to ``rejected``; DICOM
-    objects without an image and duplicate SOPInstanceUIDs to ``skipped``;
-    each with a reason. Nothing is raised for a bad file.
+    objects without an image and further copies of a SOPInstanceUID to
+    ``skipped``, each with a reason (a series keeps its copies in
+    ``SeriesRef.copies``). Nothing is raised for a bad file.
     """
     return _scan(paths)[0]

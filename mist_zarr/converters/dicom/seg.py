@@ -19,7 +19,7 @@ import numpy as np
 from ...errors import ConversionError
 from ..base import missing_dependency
 
-__all__ = ["SEG_SOP_CLASS", "is_seg", "sop_class", "read_seg", "seg_on_instances"]
+__all__ = ["SEG_SOP_CLASS", "is_seg", "read_seg", "seg_on_instances", "sop_class", "write_seg"]
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -138,3 +138,71 @@ def seg_own_geometry(seg: Any, *, where: str
     data = np.stack([np.where(masks[..., i], n, 0).astype(dtype) for i, n in enumerate(numbers)])
     return data, ("segment", "z", "y", "x"), affine, (1.0,) + spacing, [
         f"segments overlap: kept as {len(numbers)} channels (axis 'segment')"]
+
+
+# SegmentedPropertyCategory/Type when the source named none: SNOMED CT "Tissue",
+# the generic code DICOM's examples and dcmqi use for an unnamed structure.
+_TISSUE = ("85756007", "SCT", "Tissue")
+
+
+def _code(record: dict[str, Any] | None, hd: Any) -> Any:
+    code = (record or {}).get("property") or {}
+    value, scheme, meaning = (code.get("code"), code.get("scheme"), code.get("meaning"))
+    if not (value and scheme and meaning):
+        value, scheme, meaning = _TISSUE
+    return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
+
+
+def write_seg(labels: np.ndarray, dims: tuple[str, ...], segments: list[dict[str, Any]],
+              source_images: list[Any], out: str, *, series_description: str) -> list[str]:
+    """Write ``labels`` (``(z, y, x)`` label values, or ``(segment, z, y, x)`` one channel
+    per segment) as a binary DICOM SEG referencing ``source_images`` (one dataset per
+    ``z``, in ``z`` order). Returns notes for the export result.
+
+    DICOM numbers segments 1, 2, 3 ...; label values are renumbered in ascending
+    order, and each segment's label says which value it was.
+    """
+    hd = _highdicom()
+    if dims == ("segment", "z", "y", "x"):
+        channels = labels.max(axis=(1, 2, 3))  # each channel holds one value (or none)
+        values = [int(v) for v in channels]
+        masks = np.moveaxis(labels != 0, 0, -1)  # (z, y, x, segment)
+    elif dims == ("z", "y", "x"):
+        values = [int(v) for v in np.unique(labels) if v != 0]
+        masks = np.stack([labels == v for v in values], axis=-1) if values else None
+    else:
+        raise ConversionError(f"{out}: a DICOM SEG holds (z, y, x) label maps, found dims {dims}")
+    if not values:
+        raise ConversionError(f"{out}: the label map is empty at this level: no segment to write")
+    if len(source_images) != masks.shape[0]:
+        raise ConversionError(f"{out}: {masks.shape[0]} mask slices but {len(source_images)} "
+                              "image slices to reference")
+    by_value = {int(r.get("value", -1)): r for r in segments}
+    descriptions = []
+    for number, value in enumerate(values, start=1):
+        record = by_value.get(value)
+        name = str((record or {}).get("name") or f"label {value}")
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=name[:64],
+            segmented_property_category=_code(record, hd),
+            segmented_property_type=_code(record, hd),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+            tracking_id=f"mist-zarr label value {value}", tracking_uid=hd.UID()))
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=source_images, pixel_array=masks.astype(np.uint8),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=900,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="mist-zarr",
+            manufacturer_model_name="mist-zarr", software_versions="mist-zarr",
+            device_serial_number="0", series_description=series_description[:64],
+            omit_empty_frames=True)
+    except Exception as exc:
+        raise ConversionError(f"{out}: highdicom could not build the SEG: {exc}") from exc
+    seg.save_as(out)
+    renumbered = [f"{v}->{n}" for n, v in enumerate(values, start=1) if v != n]
+    notes = [f"{len(values)} segment(s), binary SEG over the {len(source_images)} image slices"]
+    if renumbered:
+        notes.append("label values renumbered to DICOM segment numbers (value->number): "
+                     + ", ".join(renumbered) + "; each segment's TrackingID keeps its value")
+    return notes

@@ -153,7 +153,8 @@ def _read_series(
     if not ref.files:
         raise DicomError(f"{label}: no files")
     builder = _JsonBuilder()
-    files = [_load_file(p, builder) for p in ref.files]
+    files = [_load_instance([p, *ref.copies[p]], builder, label) if p in ref.copies
+             else _load_file(p, builder) for p in ref.files]
     stacks = _plan_series(files, label)
     _check_size(stacks, label, max_bytes)
     for stack in stacks:
@@ -166,6 +167,40 @@ def _read_series(
             stack.data = _lazy_planes(stack, files, label, batch_bytes)
     series = _SeriesRead(ref, label, files, len(stacks) > 1, ignored)
     return [_assemble(stack, series) for stack in stacks]
+
+
+def _load_instance(paths: list[str], builder: _JsonBuilder, label: str) -> _FileInfo:
+    """The first copy of an instance (files sharing a SOPInstanceUID) that reads and decodes.
+
+    Every copy is decoded: copies whose pixels differ are a conflict, refused
+    rather than resolved by file order; copies that fail are named in a warning.
+    """
+    good: list[tuple[_FileInfo, np.ndarray]] = []
+    failed: list[str] = []
+    for path in paths:
+        try:
+            info = _load_file(path, builder)
+            good.append((info, _decode_file(info)[0]))
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken copy: the next one may be good
+            failed.append(f"{path}: {one_line(exc)}")
+    if not good:
+        raise DicomError(f"{label}: no copy of the instance in {', '.join(paths)} decodes "
+                         f"({'; '.join(failed)})")
+    chosen, pixels = good[0]
+    for other, theirs in good[1:]:
+        if theirs.shape != pixels.shape or not np.array_equal(theirs, pixels):
+            raise DicomError(
+                f"{label}: conflict: {chosen.path} and {other.path} share SOPInstanceUID "
+                f"{_text(chosen.ds, 'SOPInstanceUID')} but their pixel data differ "
+                f"({pixels.dtype}{pixels.shape} vs {theirs.dtype}{theirs.shape}); refusing to "
+                "choose one")
+    if failed:
+        chosen.warnings.append(f"used {chosen.path} for SOPInstanceUID "
+                               f"{_text(chosen.ds, 'SOPInstanceUID')}: its other copies failed "
+                               f"({'; '.join(failed)})")
+    return chosen
 
 
 def _plan_series(files: list[_FileInfo], label: str) -> list[_Stack]:
