@@ -189,3 +189,26 @@ def test_verify_a_missing_path(tmp_path):
     cli = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "verify", str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert cli.returncode == 2 and "does not exist" in cli.stderr and "BAD" not in cli.stdout
+
+
+def test_a_worker_is_blamed_only_for_the_image_it_died_on(tmp_path):
+    """A worker that dies while it verifies an image is that image's finding; one that was
+    already dead when it was handed an image is not (the image goes to a new worker)."""
+    import os
+    import threading
+
+    from mist_zarr.verify import _Worker, _WorkerUnavailable
+
+    stuck = tmp_path / "stuck.zarr"
+    stuck.mkdir()
+    os.mkfifo(stuck / "zarr.json")  # reading it blocks the worker until it is killed
+    worker = _Worker()
+    threading.Timer(1.0, worker.proc.kill).start()
+    assert worker.check(str(stuck), False) is None
+    assert worker.close().startswith("killed by SIGKILL")
+    idle = _Worker()
+    idle.proc.kill()
+    idle.proc.wait()
+    with pytest.raises(_WorkerUnavailable):
+        idle.check(str(stuck), False)
+    idle.close()
