@@ -70,7 +70,7 @@ __all__ = [
 
 CATALOG = "catalog.parquet"
 FAILURES = "failures.csv"  # sources that were refused or failed, next to the catalog
-CATALOG_VERSION = 1
+CATALOG_VERSION = 2  # 2: the warnings column
 _META_KEY = b"mist_catalog"
 _CONCURRENCY = 32  # requests in flight while building
 
@@ -106,6 +106,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "checksums_present": ("bool", "the image has its CRC32C checksum array"),
     "complete": ("bool", "the write finished; incomplete images cannot be read"),
     "lossy_source": ("bool", "the source itself was lossy-compressed (DICOM flag)"),
+    "warnings": ("list<string>", "what the conversion warned about this image (printed by "
+                                 "convert, shown by info and ls --warnings)"),
 }
 _LIST_COLUMNS = [c for c, (t, _) in COLUMNS.items() if t.startswith("list")]
 
@@ -163,6 +165,7 @@ def image_row(path: str, info: ImageInfo, index: np.ndarray | None,
         "checksums_present": bool(checksums_present),
         "complete": bool(info.complete),
         "lossy_source": bool(meta.get("lossy_source", False)),
+        "warnings": [str(w) for w in meta.get("warnings", []) or []],
     })
     return row
 

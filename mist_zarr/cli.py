@@ -77,6 +77,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"  exports to    : {', '.join(allowed_exports(info.source_format))}")
     for row in _level_table(info, mist_zarr.read_index(group)):
         print("  " + row)
+    warnings = info.metadata.get("warnings", []) if isinstance(info.metadata, dict) else []
+    print(f"  warnings      : {len(warnings) or 'none'}")
+    for w in warnings:
+        print(f"    - {w}")
     return 0
 
 
@@ -130,6 +134,15 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
     if args.failures:
         df = read_failures(args.dest)
+    elif args.warnings:
+        df = catalog(args.dest, refresh=args.refresh)
+        rows = [(r["path"], w) for r in df.to_dict("records") for w in (r.get("warnings") or [])]
+        if args.json:
+            print(dumps([{"path": p, "warning": w} for p, w in rows]))
+        else:
+            print("\n".join(f"{p}: {w}" for p, w in rows) if rows
+                  else f"{args.dest}: no image has warnings")
+        return 0
     else:
         df = catalog(args.dest, refresh=args.refresh)
         if args.columns:
@@ -149,7 +162,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 _LS_COLUMNS = ["path", "modality", "body_part", "shape", "dtype", "spacing", "levels",
-               "bytes", "bytes_per_level", "source_format", "complete"]
+               "bytes", "bytes_per_level", "source_format", "complete", "warnings"]
 
 
 def _catalog_table(df, *, all_columns: bool) -> str:
@@ -159,6 +172,8 @@ def _catalog_table(df, *, all_columns: bool) -> str:
     df = df if all_columns else df[[c for c in _LS_COLUMNS if c in df.columns]]
 
     def cell(column: str, value) -> str:
+        if column == "warnings":  # the count; `ls --warnings` prints them
+            return str(len(value)) if value is not None and len(value) else ""
         if isinstance(value, (list, tuple, np.ndarray)):
             if column == "shape":
                 return "x".join(str(int(v)) for v in value)
@@ -285,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", action="store_true", help="rebuild the catalog by scanning the dataset")
     p.add_argument("--failures", action="store_true",
                    help="print the failure report (failures.csv) instead")
+    p.add_argument("--warnings", action="store_true",
+                   help="print every image's conversion warnings instead (path: warning)")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(func=_cmd_ls)
 

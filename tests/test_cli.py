@@ -181,3 +181,33 @@ def test_output_into_a_closed_pipe_is_not_an_error(tmp_path):
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141  # 128 + SIGPIPE, as a shell reports `head`'s writer
     assert stderr == ""
+
+
+def test_conversion_warnings_are_printed_listed_and_shown(tmp_path):
+    from PIL import Image
+
+    from mist_zarr.catalog import catalog
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rgba = np.zeros((64, 80, 4), np.uint8)
+    rgba[..., :3] = np.arange(80, dtype=np.uint8)[None, :, None]
+    rgba[..., 3] = 255  # fully opaque: the alpha channel is dropped, with a warning
+    Image.fromarray(rgba, "RGBA").save(src / "opaque.png")
+    _gradient_png(src / "plain.png")
+    out = run("convert", "-q", str(src), str(tmp_path / "ds"))
+    assert out.returncode == 0, out.stderr
+    printed = [line for line in out.stdout.splitlines() if line.startswith("warning opaque:")]
+    assert printed and any("alpha" in line for line in printed)
+    assert "1 image(s) converted with warnings" in out.stdout
+    warnings = dict(zip(*catalog(tmp_path / "ds")[["path", "warnings"]].to_dict("list").values()))
+    assert list(warnings["plain"]) == [] and [w for w in warnings["opaque"] if "alpha" in w]
+    listed = run("ls", str(tmp_path / "ds"), "--warnings").stdout.splitlines()
+    assert listed == [f"opaque: {w}" for w in warnings["opaque"]]
+    table = run("ls", str(tmp_path / "ds")).stdout.splitlines()
+    assert table[0].split()[-1] == "warnings"
+    counts = {line.split()[0]: line.split()[-1] for line in table[1:]}
+    assert counts["opaque"] == str(len(warnings["opaque"])) and counts["plain"] == "True"
+    info = run("info", str(tmp_path / "ds" / "opaque")).stdout
+    assert f"warnings      : {len(warnings['opaque'])}" in info
+    assert all(f"    - {w}" in info for w in warnings["opaque"])

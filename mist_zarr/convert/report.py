@@ -66,7 +66,7 @@ class ConvertReport:
                 "converted": [asdict(s) for s in self.converted],
                 "problems": [issue_json(p) for p in self.problems]}
 
-    def summary(self, max_skipped: int = 10) -> str:
+    def summary(self, max_skipped: int = 10, max_warnings: int = 5) -> str:
         new = [s for s in self.converted if s.status == "converted"]
         lines = [
             f"{len(new)} image(s) converted, {len(self.converted) - len(new)} already complete, "
@@ -77,6 +77,17 @@ class ConvertReport:
             ratio = self.bytes_in / max(self.bytes_out, 1)
             lines.append(f"bytes in {self.bytes_in:,} -> out {self.bytes_out:,} "
                          f"(ratio {ratio:.2f})")
+        warned = [s for s in new if s.warnings]
+        for s in warned:  # printed per image, so that they reach the person converting
+            for w in s.warnings[:max_warnings]:
+                lines.append(f"warning {s.path}: {w}")
+            if len(s.warnings) > max_warnings:
+                lines.append(f"warning {s.path}: ... and {len(s.warnings) - max_warnings} more")
+        if warned:
+            total = sum(len(s.warnings) for s in warned)
+            lines.append(f"{len(warned)} image(s) converted with warnings ({total} in all); "
+                         "`mist-zarr ls DEST --warnings` lists them, `mist-zarr info IMAGE` "
+                         "shows an image's")
         for p in self.failed:
             lines.append(f"FAILED  {p.source}: {p.reason}")
         for p in self.skipped[:max_skipped]:
