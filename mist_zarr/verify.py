@@ -264,10 +264,16 @@ class _Worker:
             raise _WorkerUnavailable(self.close())
 
     def check(self, path: str, levels: bool) -> VerifyReport | None:
-        """The report for ``path``, or None if the child died verifying it."""
+        """The report for ``path``, or None if the child died verifying it.
+
+        Raises :class:`_WorkerUnavailable` if it had died before it was asked.
+        """
         try:
             self.proc.stdin.write(json.dumps({"path": path, "levels": levels}) + "\n")
             self.proc.stdin.flush()
+        except OSError as exc:  # the child was gone before it saw the image
+            raise _WorkerUnavailable(str(exc)) from exc
+        try:
             answer = self.proc.stdout.readline()
         except OSError:
             return None
@@ -329,6 +335,7 @@ def _verify_isolated(images: list[str], levels: bool, workers: int) -> list[Veri
     results: list[VerifyReport | None] = [None] * len(images)
     unavailable: list[str] = []  # why a worker could not start: then none is tried again
     in_process: list[str] = []
+    retried: set[str] = set()  # images handed to a worker that had died before it saw them
 
     def run() -> None:
         worker = None
@@ -347,7 +354,18 @@ def _verify_isolated(images: list[str], levels: bool, workers: int) -> list[Veri
                     in_process.append(name)
                     results[i] = verify_image(name, levels=levels)
                     continue
-                found = worker.check(name, levels)
+                try:
+                    found = worker.check(name, levels)
+                except _WorkerUnavailable:  # died idle: not this image's doing; a new one tries
+                    worker.close()
+                    worker = None
+                    if name not in retried:
+                        retried.add(name)
+                        todo.put((i, name))
+                    else:  # twice: verify it here rather than blame it
+                        in_process.append(name)
+                        results[i] = verify_image(name, levels=levels)
+                    continue
                 if found is None:  # the child died on this image's data
                     how, worker = worker.close(), None
                     found = VerifyReport(images=1, findings=[_damaged(
@@ -361,9 +379,10 @@ def _verify_isolated(images: list[str], levels: bool, workers: int) -> list[Veri
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for fut in [pool.submit(run) for _ in range(workers)]:
             fut.result()
-    if unavailable:
-        warnings.warn(f"mist-zarr verify: no worker process could start ({unavailable[0]}); "
-                      f"verified {len(in_process)} image(s) in this process instead, without "
+    if in_process:
+        why = (f"no worker process could start ({unavailable[0]})" if unavailable else
+               "worker processes died before they were given the image(s)")
+        warnings.warn(f"mist-zarr verify: {why}; verified {len(in_process)} image(s) in this process instead, without "
                       "crash isolation", RuntimeWarning, stacklevel=3)
     return [r for r in results if r is not None]
 
