@@ -33,6 +33,7 @@ from ..converters.dicom.seg import (
     segment_records,
 )
 from ..errors import ConversionError
+from ..format import slice_offsets
 from ..labels import align_to, same_grid, write_labels
 from ..reader import read_metadata
 from .listing import image_infos
@@ -71,8 +72,10 @@ def _find_image(root: zarr.Group, name: str, image: SourceImage) -> tuple[str, A
     """The dataset image on the mask's grid, preferring one in the mask's own folder."""
     shape = np.asarray(image.data).shape if not hasattr(image.data, "shape") else image.data.shape
     folder = str(PurePosixPath(name).parent)
+    # (an image whose slices are not evenly spaced has no affine a mask's could equal)
     found = [(path, info) for path, info in image_infos(root)
              if info.complete and tuple(info.dims) == tuple(image.dims)
+             and slice_offsets(info) is None
              and same_grid(image.affine, shape, image.dims, info)]
     found.sort(key=lambda pi: (not pi[0].startswith(folder + "/") if folder != "." else 0, pi[0]))
     return found[0] if found else None
@@ -125,6 +128,10 @@ def _rtstruct_image(root: zarr.Group, image: SourceImage) -> tuple[str, Any]:
         uid = (dicom.get("00200052", {}).get("Value") or [""])[0]
         if not info.complete or not frame or uid != frame or tuple(info.dims) != ("z", "y", "x"):
             continue
+        if slice_offsets(info) is not None:
+            raise ConversionError(
+                f"{path}: the slices of its image {target} are not evenly spaced; contours are "
+                "placed on slices through one affine, which that image does not have: refused")
         data, dims, notes = rasterise(rois, info.affine, info.shape, where=path)
         image.data, image.dims, image.affine = data, dims, info.affine
         image.spacing = info.spacing if dims == info.dims else (1.0,) + tuple(info.spacing)
@@ -153,6 +160,8 @@ def write_label_image(root: zarr.Group, name: str, image: SourceImage, metadata:
         data = np.asarray(image.data)
         target = linked[0] if linked else None
         levels = linked[1].levels if linked else None
+        if linked and slice_offsets(linked[1]) is not None:  # the image's true slice positions
+            metadata = metadata | {"slice_offsets_mm": slice_offsets(linked[1])}
         return _store(root, name, image, data, image.affine, image.spacing, levels, target,
                       metadata, overwrite)
     data = np.asarray(image.data)
