@@ -27,8 +27,8 @@ from zarr.storage import StorePath
 from .errors import ConversionError, IncompleteImageError
 from .format import ATTR, FORMAT_VERSION, ImageInfo, default_affine
 from .layout import DEFAULT_ALPHA, num_levels, plane_axes
+from .ngff import ome_multiscales
 from .storage import open_source_store
-from .store import ome_multiscales
 from .values import ValueMapping
 
 __all__ = ["LABELS", "LABELS_FORMAT", "LabelInfo", "align_to", "false_colour", "is_label_group",

@@ -41,6 +41,7 @@ from .codestream import is_boundary
 from .errors import PrefixError
 from .format import ATTR, IMAGE, INDEX, ImageInfo, IncompleteImageError, not_an_image
 from .layout import codec_config
+from .ngff import BYTES_LE, array_doc, group_doc, ome_multiscales
 from .prefix_cache import PrefixCache
 from .storage import forget_listings, no_group, open_source_store, supports_sync_io
 
@@ -52,66 +53,6 @@ __all__ = ["MultiscaleStore", "PrefixError", "forget_listings", "open_source_sto
 _NUMBER = "(?:0|[1-9][0-9]*)"
 _CHUNK_KEY = re.compile(f"s({_NUMBER})/{IMAGE}/c((?:/{_NUMBER})+)")
 _RANGE_TYPES = (RangeByteRequest, OffsetByteRequest, SuffixByteRequest)
-_AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
-
-
-def _json(doc: Mapping[str, Any]) -> bytes:
-    return json.dumps(doc, separators=(",", ":")).encode()
-
-
-def _group_doc(attributes: Mapping[str, Any],
-               members: Mapping[str, bytes] | None = None) -> bytes:
-    doc: dict[str, Any] = {"zarr_format": 3, "node_type": "group", "attributes": dict(attributes)}
-    if members is not None:
-        # zarr-python's inline consolidated metadata (not in the v3 spec; readers that do
-        # not know it ignore it): xarray's default open reads it instead of warning
-        doc["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": {
-            name: json.loads(member) for name, member in members.items()}}
-    return _json(doc)
-
-
-def _array_doc(shape, chunks, dtype, codecs, dims, fill_value=0, attributes=None) -> bytes:
-    return _json({
-        "zarr_format": 3,
-        "node_type": "array",
-        "shape": list(shape),
-        "data_type": str(dtype),
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": fill_value,
-        "codecs": codecs,
-        "attributes": dict(attributes or {}),
-        "dimension_names": list(dims),
-    })
-
-
-_BYTES_LE = [{"name": "bytes", "configuration": {"endian": "little"}}]
-
-
-def ome_multiscales(info: ImageInfo, name: str = "image") -> dict[str, Any] | None:
-    """OME-NGFF 0.5 ``ome`` attribute for the virtual levels, or None when the axes do not
-    fit NGFF: colour (NGFF puts channels before space; mist-zarr keeps ``c`` last) and
-    axes without an NGFF type (a DICOM multi-frame ``frame`` axis)."""
-    if any(d == "c" or d not in _AXIS_TYPES for d in info.dims):
-        return None
-    axes = []
-    for d in info.dims:
-        axis = {"name": d, "type": _AXIS_TYPES[d]}
-        unit = {"space": "millimeter", "time": "second"}.get(axis["type"])
-        if unit:
-            axis["unit"] = unit
-        axes.append(axis)
-    datasets = [
-        {
-            "path": f"s{k}/{IMAGE}",
-            "coordinateTransformations": [
-                {"type": "scale", "scale": list(info.level_spacing(k))},
-                {"type": "translation", "translation": [0.0] * len(info.dims)},
-            ],
-        }
-        for k in range(info.levels + 1)
-    ]
-    return {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": datasets}]}
 
 
 # Index and metadata shared by every store of the same image in this process
@@ -368,7 +309,7 @@ class MultiscaleStore(Store):
                 "affine": info.level_affine(k).tolist(),
             }
             shape = info.level_shape(k)
-            meta[f"s{k}/{IMAGE}/zarr.json"] = _array_doc(
+            meta[f"s{k}/{IMAGE}/zarr.json"] = array_doc(
                 shape, info.level_chunks(k), info.stored_dtype,
                 [codec_config(info.levels, skipres=k)], info.dims, attributes=image_attrs,
             )
@@ -378,13 +319,13 @@ class MultiscaleStore(Store):
                 n = shape[axis]
                 coords = np.arange(n, dtype="<f8") * info.level_spacing(k)[axis]
                 unit = "mm" if d in "zyx" else "s"
-                meta[f"s{k}/{d}/zarr.json"] = _array_doc(
-                    (n,), (n,), "float64", _BYTES_LE, (d,), fill_value=0.0,
+                meta[f"s{k}/{d}/zarr.json"] = array_doc(
+                    (n,), (n,), "float64", BYTES_LE, (d,), fill_value=0.0,
                     attributes={"units": unit, "long_name": f"{d} position from the first sample"},
                 )
                 meta[f"s{k}/{d}/c/0"] = coords.tobytes()
-            meta[f"s{k}/zarr.json"] = _group_doc({ATTR: level_attrs})
-        meta["zarr.json"] = _group_doc(root_attrs, {
+            meta[f"s{k}/zarr.json"] = group_doc({ATTR: level_attrs})
+        meta["zarr.json"] = group_doc(root_attrs, {
             key[: -len("/zarr.json")]: doc for key, doc in meta.items()
             if key.endswith("/zarr.json")})
         return meta
