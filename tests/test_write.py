@@ -318,3 +318,24 @@ def test_a_group_without_one_of_its_arrays_names_it(tmp_path, missing):
     read = mist_zarr.read_index if missing == "index" else mist_zarr.read_image
     with pytest.raises(FileNotFoundError, match=f"no '{missing}' array"):
         read(tmp_path / "img")
+
+
+@pytest.mark.parametrize("preamble", ["", "import mist_zarr"], ids=["zarr-alone", "after-import"])
+def test_plain_zarr_reads_level_0_without_registering_the_codec(tmp_path, phantom, preamble):
+    """mist-zarr's zarr.codecs entry point names imagecodecs' codec: zarr finds it itself."""
+    mist_zarr.write_image(tmp_path / "img.zarr", phantom)
+    np.save(tmp_path / "expected.npy", phantom)
+    script = tmp_path / "read.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        import zarr
+        {preamble}
+        samples = zarr.open_array({str(tmp_path / "img.zarr")!r}, path="image", mode="r")[...]
+        assert np.array_equal(samples, np.load({str(tmp_path / "expected.npy")!r}))
+        print("mist_zarr.writer" in sys.modules)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"  # nothing of mist-zarr's reading path was needed
