@@ -173,7 +173,7 @@ def _catalog_table(df, *, all_columns: bool) -> str:
 
     def cell(column: str, value) -> str:
         if column == "warnings":  # the count; `ls --warnings` prints them
-            return str(len(value)) if value is not None and len(value) else ""
+            return str(0 if value is None else len(value))
         if isinstance(value, (list, tuple, np.ndarray)):
             if column == "shape":
                 return "x".join(str(int(v)) for v in value)

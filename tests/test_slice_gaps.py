@@ -95,6 +95,23 @@ def test_dicom_export_keeps_every_slice_position(case):
     np.testing.assert_allclose(_positions(result.files), _positions(files), atol=1e-3)
 
 
+def test_info_ls_and_the_catalog_show_the_warning(case):
+    from mist_zarr.catalog import catalog
+
+    _, _, image, _, root = case
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mist_zarr.cli", *args],
+                              capture_output=True, text=True, check=True).stdout
+
+    [notes] = catalog(root / "ds", refresh=True)["warnings"]
+    assert any("non-uniform slice spacing" in n for n in notes)
+    info = cli("info", str(image))
+    assert f"warnings      : {len(notes)}" in info and all(f"    - {n}" in info for n in notes)
+    assert cli("ls", str(root / "ds"), "--warnings").splitlines() == [
+        f"{image.relative_to(root / 'ds').as_posix()}: {n}" for n in notes]
+
+
 def test_an_evenly_spaced_series_keeps_its_affine(tmp_path):
     report = mist_zarr.convert(shared(*SERIES), tmp_path / "ds", progress=False)
     level = mist_zarr.open(tmp_path / "ds" / report.converted[0].path, scale=1)

@@ -197,7 +197,8 @@ def analyse_slice_positions(
             "export is refused (NIfTI has one spacing)"
         )
         if missing:
-            text += f"; about {missing} slice(s) appear to be missing"
+            text += (f"; about {missing} slice(s) appear to be missing (or the spacing "
+                     "changes along the stack)")
         warnings.append(text)
     return SliceLayout(step=step, spacing=spacing, gaps=gaps, tilt_deg=tilt, warnings=warnings,
                        nonuniform=deviation > max(0.01, 0.001 * median))

@@ -161,9 +161,9 @@ def keep_header(path: str, raw: tuple[Any, int | None, _PixelLoc | None]) -> Non
     """Keep ``raw`` (from :func:`raw_copy`) for :func:`load_header`, within the budget."""
     global _kept_bytes
     loc = raw[2]
-    cost = _HEADER_COST * (loc.start if loc is not None else 0)
-    if loc is None:
+    if loc is None:  # deflated: the read decompresses the whole file anyway
         return
+    cost = _HEADER_COST * loc.start
     with _kept_lock:
         if path in _kept or _kept_bytes + cost > KEPT_HEADER_BUDGET:
             return
