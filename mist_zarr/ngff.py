@@ -9,7 +9,8 @@ from typing import Any
 
 from .format import IMAGE, ImageInfo
 
-__all__ = ["BYTES_LE", "array_doc", "group_doc", "json_bytes", "ome_multiscales"]
+__all__ = ["BYTES_LE", "SMALL_CODECS", "array_doc", "chunk_key", "group_doc", "json_bytes",
+           "ome_multiscales"]
 
 _AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
 
@@ -41,10 +42,20 @@ def array_doc(shape, chunks, dtype, codecs, dims, fill_value=0, attributes=None)
         "codecs": codecs,
         "attributes": dict(attributes or {}),
         "dimension_names": list(dims),
+        "storage_transformers": [],
     })
 
 
+def chunk_key(coords: tuple[int, ...]) -> str:
+    """The key of a chunk under its array, in the default "/" encoding (``c/0/1/2``)."""
+    return "/".join(("c", *(str(int(c)) for c in coords)))
+
+
+
+
 BYTES_LE = [{"name": "bytes", "configuration": {"endian": "little"}}]
+# the index and checksum arrays: one chunk each, little-endian bytes + zstd level 0
+SMALL_CODECS = [*BYTES_LE, {"name": "zstd", "configuration": {"level": 0, "checksum": False}}]
 
 
 def ome_multiscales(info: ImageInfo, name: str = "image") -> dict[str, Any] | None:

@@ -15,12 +15,7 @@ import imagecodecs
 import numcodecs
 import numpy as np
 import zarr
-from imagecodecs.zarr import Htj2k
-from zarr.codecs import BytesCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
-from zarr.core.dtype import parse_dtype
-from zarr.core.group import GroupMetadata
-from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.core.sync import sync
 
 from .codestream import CodestreamError, prefix_lengths
@@ -45,6 +40,7 @@ from .layout import (
     plane_axes,
     tile_shape,
 )
+from .ngff import SMALL_CODECS, array_doc, chunk_key, group_doc
 from .storage import join_key, open_group, supports_sync_io
 from .values import choose_mapping
 
@@ -137,16 +133,15 @@ def _describe(data: Any, *, dims, spacing, affine, source_format, metadata, alph
 
 @dataclass
 class _Nodes:
-    """The image group being written: its store, key prefix and array documents."""
+    """The image group being written: its store and key prefix."""
 
     group: zarr.Group
     store: Any
     prefix: str
-    arrays: dict[str, ArrayV3Metadata]
     direct: bool  # the store has zarr's synchronous surface (local, memory)
 
     def key(self, name: str, coords: tuple[int, ...]) -> str:
-        return join_key(self.prefix, name, self.arrays[name].encode_chunk_key(coords))
+        return join_key(self.prefix, name, chunk_key(coords))
 
     def put(self, key: str, data: bytes) -> None:
         buf = _PROTOTYPE.buffer.from_bytes(data)
@@ -165,24 +160,11 @@ class _Nodes:
 
     def finish(self, info: ImageInfo) -> None:
         """Write the group document last: it carries the completion mark."""
-        doc = GroupMetadata(attributes={ATTR: info.to_json()}).to_buffer_dict(_PROTOTYPE)
-        self.put(join_key(self.prefix, "zarr.json"), doc["zarr.json"].to_bytes())
+        self.put(join_key(self.prefix, "zarr.json"), group_doc({ATTR: info.to_json()}))
 
 
 _PROTOTYPE = default_buffer_prototype()
-# The index and checksums: one chunk each, zarr's default codecs for them.
-_SMALL_CODECS = (BytesCodec(endian="little"), ZstdCodec(level=0, checksum=False))
-_SMALL_COMPRESSOR = numcodecs.Zstd(level=0, checksum=False)
-
-
-def _array_document(shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...], codecs: Any,
-                    dims: tuple[str, ...]) -> ArrayV3Metadata:
-    return ArrayV3Metadata(
-        shape=shape, data_type=parse_dtype(np.dtype(dtype), zarr_format=3),
-        chunk_grid={"name": "regular", "configuration": {"chunk_shape": chunks}},
-        chunk_key_encoding={"name": "default", "configuration": {"separator": "/"}},
-        fill_value=0, codecs=codecs, attributes={}, dimension_names=dims,
-        storage_transformers=())
+_SMALL_COMPRESSOR = numcodecs.Zstd(level=0, checksum=False)  # as ngff.SMALL_CODECS says
 
 
 def _create_nodes(dest: StoreLike, info: ImageInfo, index: np.ndarray, checksum: np.ndarray, *,
@@ -191,24 +173,24 @@ def _create_nodes(dest: StoreLike, info: ImageInfo, index: np.ndarray, checksum:
 
     zarr creates the group (its overwrite and exists-already rules); the three
     array documents, which zarr would write one event-loop round trip each,
-    are built here and written directly (the same bytes zarr writes).
+    are built here (ngff, the builder the virtual view uses) and written directly;
+    zarr reads them as its own (tests/test_write.py).
     """
     group = open_group(dest, mode="w" if overwrite else "w-",
                        storage_options=storage_options, attributes={ATTR: info.to_json()})
     chunk_dims = tuple(f"{d}_chunk" for d in info.dims)
-    arrays = {
-        IMAGE: _array_document(info.shape, info.values.stored_dtype, info.chunks,
-                               [Htj2k.from_dict(codec_config(info.levels))], tuple(info.dims)),
-        INDEX: _array_document(index.shape, index.dtype, index.shape, _SMALL_CODECS,
-                               chunk_dims + ("level",)),
-        CHECKSUM: _array_document(checksum.shape, checksum.dtype, checksum.shape, _SMALL_CODECS,
-                                  chunk_dims),
+    documents = {
+        IMAGE: array_doc(info.shape, info.chunks, info.values.stored_dtype,
+                         [codec_config(info.levels)], info.dims),
+        INDEX: array_doc(index.shape, index.shape, index.dtype, SMALL_CODECS,
+                         chunk_dims + ("level",)),
+        CHECKSUM: array_doc(checksum.shape, checksum.shape, checksum.dtype, SMALL_CODECS,
+                            chunk_dims),
     }
     store, prefix = group.store_path.store, group.store_path.path
-    nodes = _Nodes(group, store, prefix, arrays, supports_sync_io(store))
-    for name, doc in arrays.items():
-        nodes.put(join_key(prefix, name, "zarr.json"),
-                  doc.to_buffer_dict(_PROTOTYPE)["zarr.json"].to_bytes())
+    nodes = _Nodes(group, store, prefix, supports_sync_io(store))
+    for name, doc in documents.items():
+        nodes.put(join_key(prefix, name, "zarr.json"), doc)
     return nodes
 
 

@@ -261,9 +261,8 @@ def test_nifti_export_agrees_with_dcm2niix(case, tmp_path: Path) -> None:
         # so the export is refused (dcm2niix writes the stack with its first gap)
         with pytest.raises(ExportError, match="not evenly spaced"):
             export(store, tmp_path / "ours.nii", format="nifti")
-        z = mist_zarr.open(store).z.values
-        np.testing.assert_allclose(z, offsets)
-        assert len(set(np.round(np.diff(z), 3))) > 1  # the true, uneven positions
+        z = mist_zarr.open(store).z.values  # the true, uneven positions (against the DICOM
+        assert len(set(np.round(np.diff(z), 3))) > 1  # files: tests/test_slice_gaps.py)
         return
     result = export(store, tmp_path / "ours.nii", format="nifti")
     ref, philips = _run_dcm2niix(src, tmp_path / "ref")
