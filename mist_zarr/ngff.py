@@ -1,4 +1,4 @@
-"""The documents of the virtual multiscale view: Zarr v3 group and array ``zarr.json``
+"""Zarr v3 group and array ``zarr.json`` documents (the writer's and the virtual view's)
 and the OME-NGFF 0.5 ``multiscales`` attribute (used by the store and by label maps)."""
 
 from __future__ import annotations
