@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import struct
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ...codestream import read_coding_style
 from ...errors import DicomError, one_line
-from .header import _FileInfo
+from .header import _FileInfo, _load_file
+from .jsonmodel import _JsonBuilder
 from .tags import _floats, _pydicom, _text
 
 _INT_DTYPES = {np.dtype(t) for t in ("int8", "uint8", "int16", "uint16", "int32", "uint32")}
@@ -185,24 +187,56 @@ def _j2k_irreversible(ds: Any) -> bool | None:
         return None
 
 
-def _read_frames(infos: list[_FileInfo], frames: list[int], inner: tuple[int, ...], label: str,
-                 start: int, stop: int) -> np.ndarray:
+@dataclass
+class _FrameReader:
+    """The reader of a lazy stack (``LazyPlanes.read``): entries of its first axis, decoded.
+
+    ``infos`` are the files' headers, or their paths in a part made to be sent
+    to another process (:meth:`part`): pickling 1,000 pydicom headers costs
+    seconds, reading one part's headers there costs a millisecond a file.
+    ``first`` is the stack entry that entry 0 here is (for messages).
+    """
+
+    infos: list[_FileInfo | str]
+    frames: list[int]
+    inner: tuple[int, ...]
+    label: str
+    first: int = 0
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        return _read_frames(self.infos, self.frames, self.inner, self.label, start, stop,
+                            base=self.first)
+
+    def part(self, start: int, stop: int) -> "_FrameReader":
+        """Entries ``start:stop``, holding their files' paths only."""
+        n = int(np.prod(self.inner, dtype=np.int64))
+        paths = [i.path if isinstance(i, _FileInfo) else i for i in self.infos[start * n : stop * n]]
+        return _FrameReader(paths, self.frames[start * n : stop * n], self.inner, self.label,
+                            self.first + start)
+
+
+def _read_frames(infos: list[_FileInfo | str], frames: list[int], inner: tuple[int, ...],
+                 label: str, start: int, stop: int, *, base: int = 0) -> np.ndarray:
     """Decode entries ``start:stop`` of the first axis of a lazy stack (see
-    :func:`read_dicom_series`); ``inner`` is the shape of the other leading axes."""
+    :func:`read_dicom_series`); ``inner`` is the shape of the other leading axes.
+    A path in ``infos`` has its header read here (without fingerprinting it)."""
     n = int(np.prod(inner, dtype=np.int64))
     first, last = start * n, stop * n
+    where = f"while writing slices {base * n + first}-{base * n + last - 1}"
     block = None  # filled in place: a list of planes plus np.stack would hold the batch twice
     for k, (info, index) in enumerate(zip(infos[first:last], frames[first:last])):
         try:
+            if isinstance(info, str):
+                info = _load_file(info, _JsonBuilder(), fingerprint=False)
             plane = _decode_file(info)[0][index]
         except DicomError as exc:
-            raise DicomError(f"{label}: {exc} (while writing slices {first}-{last - 1})") from None
+            raise DicomError(f"{label}: {exc} ({where})") from None
         if block is None:
             block = np.empty((last - first,) + plane.shape, plane.dtype)
         elif plane.shape != block.shape[1:] or plane.dtype != block.dtype:
             raise DicomError(f"{info.path}: decoded {plane.dtype}{plane.shape} differs from "
                              f"{block.dtype}{block.shape[1:]} read before: the file changed "
-                             f"(while writing slices {first}-{last - 1} of {label})")
+                             f"({where} of {label})")
         block[k] = plane
         del plane
     assert block is not None
