@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -33,7 +33,8 @@ from ..errors import ConversionError, one_line
 from ..format import ImageInfo
 from ..writer import begin_image, finish_image, plan_image, write_part
 
-__all__ = ["SPLIT_BYTES", "PartPool", "Submit", "estimated_bytes", "splittable", "write_split"]
+__all__ = ["SPLIT_BYTES", "PartPool", "Submit", "estimated_bytes", "part_ranges", "splittable",
+           "write_split"]
 
 #: Images of more decoded bytes than this are written in parts when there are workers.
 SPLIT_BYTES = 256 << 20
@@ -73,7 +74,10 @@ def part_ranges(n: int, parts: int) -> list[tuple[int, int]]:
 def write_split(dest: Any, data: Any, *, submit: Submit, parts: int, label: str,
                 overwrite: bool = False, threads: int | None = None,
                 **kwargs: Any) -> ImageInfo:
-    """Write ``data`` (LazyPlanes) at ``dest`` in ``parts`` slice ranges submitted with ``submit``.
+    """Write ``data`` at ``dest`` in ``parts`` slice ranges submitted with ``submit``.
+
+    ``data`` is LazyPlanes (each part carries the reader of its own slices)
+    or an array (each part carries its slices).
 
     ``kwargs`` are :func:`~mist_zarr.writer.plan_image`'s; ``threads`` is
     each part's encoder threads (default 1: one process per core).
@@ -82,18 +86,23 @@ def write_split(dest: Any, data: Any, *, submit: Submit, parts: int, label: str,
     plan = plan_image(data, name=label, **kwargs)
     begin_image(dest, plan, overwrite=overwrite)
     ranges = part_ranges(int(data.shape[0]), parts)
-    futures = [submit(write_part, dest, data.part(a, b), plan.info, a, threads=threads)
-               for a, b in ranges]
+    futures = [submit(write_part, dest, data.part(a, b) if hasattr(data, "part") else data[a:b],
+                      plan.info, a, threads=threads) for a, b in ranges]
     rows, failure = [], None
     for (a, b), future in zip(ranges, futures):
-        if failure is not None:
-            future.cancel()
-            continue
         try:
             rows.append(future.result())
         except Exception as exc:  # noqa: BLE001 - any part's failure fails the image, named
             failure = (a, b, exc)
+            break
     if failure is not None:
+        for future in futures:  # the queued parts are dropped, the running ones end before
+            future.cancel()     # the caller removes what they wrote
+        for future in futures:
+            try:
+                future.result()
+            except (Exception, CancelledError):  # noqa: BLE001, S110 - the first one is reported
+                pass
         a, b, exc = failure
         lost = " (its worker process died)" if isinstance(exc, BrokenProcessPool) else ""
         raise ConversionError(f"{label}: writing slices {a}-{b - 1} failed{lost}: "

@@ -26,7 +26,7 @@ from ..labels import LabelInfo, is_label_group
 from .labels import mark_labels, write_label_image
 from .report import SeriesResult
 from .scratch import local_root, write_and_rename
-from .split import SPLIT_BYTES, Submit, splittable, write_split
+from .split import SPLIT_BYTES, Submit, part_ranges, splittable, write_split
 from ..storage import get_json, set_json
 from .root import open_root
 
@@ -165,9 +165,10 @@ def _write_one(root: zarr.Group, name: str, image: SourceImage, options: Options
     kwargs = dict(dims=image.dims, spacing=image.spacing, affine=image.affine,
                   source_format=image.source_format, metadata=metadata,
                   alpha=options.alpha, quantize=options.quantize, threads=options.threads)
-    write = write_image
+    write, parts = write_image, 1
     if submit is not None and splittable(image.data, options.split_bytes):
-        write = functools.partial(write_split, submit=submit, parts=options.parts,
+        parts = len(part_ranges(image.data.shape[0], options.parts))
+        write = functools.partial(write_split, submit=submit, parts=parts,
                                   label=f"series {source or name}")
     local = local_root(root)
     if local is not None:
@@ -182,7 +183,7 @@ def _write_one(root: zarr.Group, name: str, image: SourceImage, options: Options
     out = int(zarr.open_array(root.store_path.store, path=f"{root.store_path.path}/{name}/index"
                               .strip("/"), mode="r")[..., 0].sum())
     return SeriesResult(name, image.source_format, info.shape, info.dtype.name, bytes_in, out,
-                        len(image.source_files), warnings=list(image.warnings))
+                        len(image.source_files), warnings=list(image.warnings), parts=parts)
 
 
 def _write_labels(root: zarr.Group, name: str, image: SourceImage,
