@@ -191,3 +191,17 @@ def test_killing_a_worker_mid_series_leaves_no_complete_image(tmp_path, long_ct_
     assert again.ok and again.converted[0].parts == 4
     convert(src, tmp_path / "one")
     assert_same_image(only_image(tmp_path / "one"), only_image(tmp_path / "ds"))
+
+
+def test_an_existing_cluster_writes_the_parts(tmp_path, long_ct_series):
+    from distributed import LocalCluster
+
+    src = long_ct_series(164)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:
+        report = convert(src, tmp_path / "ds", scheduler=cluster.scheduler_address,
+                         split_bytes=SPLIT)
+    assert report.ok, report.summary()
+    assert report.converted[0].parts == 4  # two per worker thread
+    convert(src, tmp_path / "one")
+    assert_same_image(only_image(tmp_path / "one"), only_image(tmp_path / "ds"))

@@ -334,11 +334,8 @@ class _FileInfo:
         return self.builder.dataset(items[index], self.charset) if index < len(items) else None
 
 
-def _load_file(path: str, builder: _JsonBuilder, *, fingerprint: bool = True) -> _FileInfo:
-    """Read one file's header into a _FileInfo; raises DicomError naming the file.
-
-    Without ``fingerprint`` the signature is left empty (a part of a stack
-    being written decodes the file and needs no attribute comparison)."""
+def _load_file(path: str, builder: _JsonBuilder) -> _FileInfo:
+    """Read one file's header into a _FileInfo; raises DicomError naming the file."""
     try:
         ds, pixel_tag, loc = load_header(path)
     except _Refused as r:
@@ -347,7 +344,7 @@ def _load_file(path: str, builder: _JsonBuilder, *, fingerprint: bool = True) ->
     tags = [f"{int(t):08X}" for t in ds.keys()]  # noqa: SIM118 (a Dataset iterates elements)
     signature = {
         t: _element_signature(ds.get_item(int(t, 16))) for t in tags if _is_metadata_tag(t)
-    } if fingerprint else {}
+    }
     if pixel_tag is None:
         raise DicomError(f"{path}: no pixel data")
     if pixel_tag != 0x7FE00010:
