@@ -13,28 +13,34 @@ scratch folder, which is removed; an object-store image keeps no complete flag).
 
 Parts run on a dask cluster (``scheduler=``, or the cluster of a many-unit
 run) or, for ``workers=N`` on a single large series, on :class:`PartPool`:
-``N`` processes forked from a server that imported the writer and the DICOM
-reader once (``forkserver``), started while the coordinator reads the
-series. A dask ``LocalCluster`` costs seconds to start on a small machine,
-which is most of what splitting one series saves.
+``N`` plain ``python -c`` processes that import the writer while the
+coordinator reads the series. A dask ``LocalCluster`` costs seconds to start
+on a small machine, which is most of what splitting one series saves.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import contextlib
+import importlib
 import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import CancelledError, Future
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConversionError, one_line
 from ..format import ImageInfo
 from ..writer import begin_image, finish_image, plan_image, write_part
 
-__all__ = ["SPLIT_BYTES", "PartPool", "Submit", "estimated_bytes", "part_ranges", "splittable",
-           "write_split"]
+__all__ = ["SPLIT_BYTES", "PartPool", "Submit", "WorkerDied", "estimated_bytes", "part_ranges",
+           "splittable", "write_split"]
 
 #: Images of more decoded bytes than this are written in parts when there are workers.
 SPLIT_BYTES = 256 << 20
@@ -104,46 +110,153 @@ def write_split(dest: Any, data: Any, *, submit: Submit, parts: int, label: str,
             except (Exception, CancelledError):  # noqa: BLE001, S110 - the first one is reported
                 pass
         a, b, exc = failure
-        lost = " (its worker process died)" if isinstance(exc, BrokenProcessPool) else ""
-        raise ConversionError(f"{label}: writing slices {a}-{b - 1} failed{lost}: "
-                              f"{one_line(exc)}; the image was not completed") from exc
+        raise ConversionError(f"{label}: writing slices {a}-{b - 1} failed: {one_line(exc)}; "
+                              "the image was not completed") from exc
     return finish_image(dest, plan, rows)
+
+
+class WorkerDied(RuntimeError):
+    """A part's worker process ended (killed, crashed) before it answered."""
 
 
 class PartPool:
     """``workers`` local processes for parts, started on demand (or ahead with :meth:`start`).
 
-    A pool whose process died (killed, out of memory) is replaced for the
-    next image; the image it was writing has failed.
+    Each is a ``python -c`` child (as :func:`mist_zarr.verify` uses), not a
+    :mod:`multiprocessing` one, so the caller's script is never re-run and
+    needs no ``if __name__ == "__main__"`` guard. A part whose process dies
+    fails with :class:`WorkerDied`; the next part gets a new process.
     """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._pool: ProcessPoolExecutor | None = None
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        """Start the workers on a thread, so that they are ready when the first part comes."""
-        threading.Thread(target=lambda: [self.submit(os.getpid) for _ in range(self.workers)],
-                         name="mist-part-pool", daemon=True).start()
+        """Start the processes now (they import the writer while this one reads)."""
+        with self._lock:
+            while len(self._threads) < self.workers:
+                thread = threading.Thread(target=self._serve, name="mist-part", daemon=True)
+                thread.start()
+                self._threads.append(thread)
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-        try:
-            return self._executor().submit(fn, *args, **kwargs)
-        except BrokenProcessPool:
-            self.close()
-            return self._executor().submit(fn, *args, **kwargs)
-
-    def _executor(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                context = multiprocessing.get_context("forkserver")
-                context.set_forkserver_preload(_PRELOAD)
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
-            return self._pool
+        """Run ``fn(*args, **kwargs)`` in one of the processes (all of it must pickle)."""
+        self.start()
+        future: Future = Future()
+        self._tasks.put((future, fn, args, kwargs))
+        return future
 
     def close(self) -> None:
+        """Stop the processes once the parts submitted so far are done."""
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            threads, self._threads = self._threads, []
+        for _ in threads:
+            self._tasks.put(None)
+        for thread in threads:
+            thread.join()
+
+    def _serve(self) -> None:
+        """One process's thread: start it, hand it the parts one by one."""
+        worker: _Worker | None = None
+        try:
+            worker = _Worker()
+        except OSError as exc:
+            failed: BaseException | None = WorkerDied(f"cannot start a worker: {exc}")
+        else:
+            failed = None
+        while (item := self._tasks.get()) is not None:
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                if worker is None:
+                    if failed is not None:
+                        raise failed
+                    worker = _Worker()
+                future.set_result(worker.run(fn, args, kwargs))
+            except WorkerDied as exc:
+                future.set_exception(exc)
+                worker = None  # (gone) the next part starts another
+            except BaseException as exc:  # noqa: BLE001 - the part's own error, for its caller
+                future.set_exception(exc)
+        if worker is not None:
+            worker.close()
+
+
+class _Worker:
+    """One ``python -c`` child running pickled calls sent on its stdin, one at a time.
+
+    It answers on a duplicate of its stdout (its own stdout goes to stderr, so
+    a library's print cannot corrupt the protocol); stderr is kept in a
+    temporary file for the message when it dies.
+    """
+
+    def __init__(self) -> None:
+        here = str(Path(__file__).resolve().parents[2])  # the mist_zarr this process runs
+        code = (f"import sys\nif {here!r} not in sys.path: sys.path.insert(0, {here!r})\n"
+                "from mist_zarr.convert.split import _serve\n_serve()")
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr)
+        self.ready = False
+
+    def run(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+        try:
+            if not self.ready:  # the child says so once it has imported the writer
+                self.ready = pickle.load(self.proc.stdout) == _READY
+            pickle.dump((fn, args, kwargs), self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self.proc.stdin.flush()
+            ok, value = pickle.load(self.proc.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError) as exc:
+            raise WorkerDied(f"its worker process died ({self.close()})") from exc
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> str:
+        """Stop the child; return how it ended (exit status and the end of its stderr)."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.proc.stdout.close()
+        self.stderr.seek(0)
+        tail = self.stderr.read()[-2000:].decode(errors="replace").strip()
+        self.stderr.close()
+        status = (f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals()
+                  else f"exit status {code}")
+        return f"{status}{': ' + tail.splitlines()[-1] if tail else ''}"
+
+
+_READY = "mist-zarr part worker ready"
+
+
+def _serve() -> None:
+    """The child's loop (run by :class:`_Worker`): call, answer ``(ok, result or error)``."""
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    for module in _PRELOAD:
+        importlib.import_module(module)
+    pickle.dump(_READY, answers)
+    answers.flush()
+    requests = sys.stdin.buffer
+    while True:
+        try:
+            fn, args, kwargs = pickle.load(requests)
+        except EOFError:
+            return
+        try:
+            answer = pickle.dumps((True, fn(*args, **kwargs)), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - sent to the parent, which raises it
+            try:
+                answer = pickle.dumps((False, exc))
+            except Exception:  # noqa: BLE001 - an error that does not pickle: its text
+                answer = pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+        answers.write(answer)
+        answers.flush()
