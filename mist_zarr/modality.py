@@ -35,10 +35,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PHILIPS", "PHILIPS_SCALINGS", "Rescale", "find_rescale", "rescaled_dtype"]
+__all__ = ["PHILIPS", "PHILIPS_SCALINGS", "Rescale", "find_rescale", "find_window",
+           "rescaled_dtype"]
 
 SLOPE, INTERCEPT = "00281053", "00281052"
 SHARED_GROUPS, PIXEL_VALUE_TRANSFORMATION = "52009229", "00289145"
+CENTRE, WIDTH, FRAME_VOI_LUT = "00281050", "00281051", "00289132"
 PER_FRAME = "PerFrameFunctionalGroupsSequence"
 PER_SLICE = "dicom_per_slice"
 MANUFACTURER = "00080070"
@@ -280,3 +282,41 @@ def _item(ds: Mapping[str, Any], *tags: str) -> Mapping[str, Any]:
         items = (ds.get(tag) or {}).get("Value") or [{}]
         ds = items[0] if isinstance(items[0], Mapping) else {}
     return ds
+
+
+def find_window(metadata: Mapping[str, Any], leading_shape: Sequence[int],
+                per_slice: Callable[[], Mapping[str, Any]] | None = None
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The DICOM VOI window (WindowCenter, WindowWidth) of every slice, in modality values,
+    as two arrays of ``leading_shape``; None when the image has none.
+
+    Looked up as :func:`find_rescale` looks up the rescale: the common attributes,
+    the enhanced shared functional groups (FrameVOILUTSequence 0028,9132), then
+    the per-slice metadata (a varying attribute, or each frame's functional
+    groups; ``per_slice`` loads it). Where several windows are given, the first
+    (the one a viewer opens with).
+    """
+    dicom = metadata.get("dicom")
+    if not isinstance(dicom, Mapping):
+        return None
+    shape = tuple(leading_shape)
+    n = int(np.prod(shape)) if shape else 1
+    shared = _item(dicom, SHARED_GROUPS, FRAME_VOI_LUT)
+    for ds in (dicom, shared):
+        centre, width = _value(ds, CENTRE, math.nan), _value(ds, WIDTH, math.nan)
+        if CENTRE in ds and WIDTH in ds and math.isfinite(centre) and math.isfinite(width):
+            return np.full(shape, centre), np.full(shape, width)
+    bulky = per_slice() if per_slice is not None and metadata.get("slice_metadata") else {}
+    table = bulky.get(PER_SLICE, {}) if isinstance(bulky, Mapping) else {}
+    if "WindowCenter" in table and "WindowWidth" in table:
+        columns = [[_first(v, math.nan) for v in table[k]] for k in ("WindowCenter", "WindowWidth")]
+    elif table.get(PER_FRAME):
+        frames = [_item((f or [{}])[0], FRAME_VOI_LUT) for f in table[PER_FRAME]]
+        columns = [[_value(f, tag, math.nan) for f in frames] for tag in (CENTRE, WIDTH)]
+    else:
+        return None
+    centre, width = (np.asarray(c, np.float64) for c in columns)
+    if centre.size != n or width.size != n or not (np.all(np.isfinite(centre))
+                                                     and np.all(np.isfinite(width))):
+        return None  # not on every slice: no window rather than a wrong one
+    return centre.reshape(shape), width.reshape(shape)

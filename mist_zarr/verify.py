@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +32,14 @@ from typing import Any
 import imagecodecs
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from .codestream import CodestreamError, is_boundary, parse_codestream, prefix_lengths
 from .converters.sources import iter_sources
-from .errors import SourceIssue
+from .errors import SourceIssue, one_line
 from .format import ATTR, CHECKSUM, DONE_DIR, IMAGE, INDEX, TMP_DIR, ImageInfo, chunk_crc
 from .reader import read_image
-from .storage import get_bytes, open_group
+from .storage import get_bytes, get_json, join_key, open_group, resolve
 
 __all__ = ["VerifyReport", "verify", "verify_image"]
 
@@ -75,10 +77,11 @@ class VerifyReport:
         return "\n".join([head] + [f"BAD {f.source} {f.key}: {f.reason}" for f in self.findings])
 
 
-def _open(path: Any) -> tuple[zarr.Group | None, ImageInfo | None, list[SourceIssue]]:
+def _open(path: Any, storage_options: Mapping[str, Any] | None = None
+          ) -> tuple[zarr.Group | None, ImageInfo | None, list[SourceIssue]]:
     name = str(path)
     try:
-        group = open_group(path)
+        group = open_group(path, storage_options=storage_options)
     except Exception as exc:
         return None, None, [_damaged(name, "zarr.json", f"unreadable group metadata: {exc}")]
     try:
@@ -91,11 +94,13 @@ def _open(path: Any) -> tuple[zarr.Group | None, ImageInfo | None, list[SourceIs
     return group, info, []
 
 
-def verify_image(path: Any, *, levels: bool = False) -> VerifyReport:
-    """Check every chunk of the image at ``path``; never raises for damage, reports it."""
+def verify_image(path: Any, *, levels: bool = False,
+                 storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
+    """Check every chunk of the image at ``path`` (a path or URL); never raises for
+    damage, reports it."""
     name = str(path)
     report = VerifyReport(images=1)
-    group, info, findings = _open(path)
+    group, info, findings = _open(path, storage_options)
     report.findings += findings
     if group is None or info is None or findings:
         return report
@@ -207,8 +212,14 @@ def _find_images(root: Path) -> list[Path]:
 
 
 def verify(path: str | os.PathLike, *, levels: bool = False, source: Any = None,
-           workers: int | None = None) -> VerifyReport:
+           workers: int | None = None,
+           storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
     """Verify one image, or every image of a dataset root, in worker processes.
+
+    ``path`` is a local path or a URL (``s3://``, ``https://`` ... via fsspec):
+    a host checks the copy users read. A remote dataset's images are the ones
+    its ``catalog.parquet`` lists (what its users find), or, without a catalog,
+    the ones a listing of the store finds (HTTP cannot list).
 
     Each image is decoded in a separate Python process (``python -c``, not
     :mod:`multiprocessing`, so the caller's script is never re-run and needs
@@ -216,23 +227,69 @@ def verify(path: str | os.PathLike, *, levels: bool = False, source: Any = None,
     data is reported against that image instead of taking the run down. If
     no worker process can start, the images are verified in threads of this
     process instead, with a warning. With ``source`` the images are compared
-    with the files they came from. A path that does not exist raises
-    :class:`FileNotFoundError`.
+    with the files they came from. A local path that does not exist raises
+    :class:`FileNotFoundError`, as does a URL without a zarr group.
     """
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"{root}: does not exist")
-    images = [root] if _is_image(root) else _find_images(root)
+    if isinstance(path, str) and path.startswith("file://"):
+        path = path[len("file://"):]
+    remote = isinstance(path, str) and "://" in path
+    images = _find_remote(path, storage_options) if remote else _find_local(Path(path))
     report = VerifyReport()
     if not images:
-        report.findings.append(_damaged(str(root), "zarr.json", "no mist-zarr image found here"))
+        report.findings.append(_damaged(str(path), "zarr.json", "no mist-zarr image found here"))
         return report
     workers = max(1, min(workers or os.cpu_count() or 1, len(images)))
-    for one in _verify_isolated([str(im) for im in images], levels, workers):
+    for one in _verify_isolated([where for _, where in images], levels, workers,
+                                storage_options):
         report.merge(one)
     if source is not None:
-        report.merge(_compare_sources(root, images, source))
+        report.merge(_compare_sources(images, source, storage_options))
     return report
+
+
+def _find_local(root: Path) -> list[tuple[str, str]]:
+    """(name relative to the root, path) of each image at or under ``root``; the name
+    of ``root`` itself is ""."""
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: does not exist")
+    if _is_image(root):
+        return [("", str(root))]  # "": the image itself, whatever its source's name
+    return [(str(p.relative_to(root)), str(p)) for p in _find_images(root)]
+
+
+def _find_remote(url: str, storage_options: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """(name relative to the root, URL) of the image at ``url`` or of the dataset's images."""
+    from .catalog import read_catalog  # pandas: only for a remote dataset
+
+    root = url.rstrip("/")
+    store, prefix = resolve(root, storage_options)
+    doc = get_json(store, join_key(prefix, "zarr.json"), strict=False)
+    if isinstance(doc, dict) and ATTR in doc.get("attributes", {}):
+        return [("", root)]
+    listed = read_catalog(root, storage_options=storage_options)
+    if listed is not None:
+        return [(str(p), f"{root}/{p}") for p in listed["path"]]
+    try:
+        keys, why = set(sync(_list(store, prefix))), ""
+    except Exception as exc:  # e.g. HTTP, which has no listing
+        keys, why = set(), f"the store cannot be listed ({one_line(exc)})"
+    # an image is a group with its image and index arrays (as _find_images has it)
+    names = sorted(k[: -len("/zarr.json")] for k in keys if k.endswith("/zarr.json")
+                   and f"{k[: -len('zarr.json')]}{IMAGE}/zarr.json" in keys
+                   and f"{k[: -len('zarr.json')]}{INDEX}/zarr.json" in keys
+                   and k.split("/", 1)[0] not in (TMP_DIR, DONE_DIR))
+    if not names:
+        raise FileNotFoundError(
+            f"{url}: not a mist-zarr image, and no catalog.parquet lists the dataset's images "
+            f"({why or 'a listing of the store found none'}); write the catalog where the "
+            "dataset was converted (mist-zarr catalog DATASET) and copy it with the images")
+    return [(name, f"{root}/{name}") for name in names]
+
+
+async def _list(store: Any, prefix: str) -> list[str]:
+    """Every key under ``prefix``, relative to it."""
+    base = f"{prefix}/" if prefix else ""
+    return [key[len(base):] async for key in store.list_prefix(base)]
 
 
 class _WorkerUnavailable(RuntimeError):
@@ -263,13 +320,15 @@ class _Worker:
         if self.proc.stdout.readline().strip() != _READY:
             raise _WorkerUnavailable(self.close())
 
-    def check(self, path: str, levels: bool) -> VerifyReport | None:
+    def check(self, path: str, levels: bool,
+              storage_options: Mapping[str, Any] | None = None) -> VerifyReport | None:
         """The report for ``path``, or None if the child died verifying it.
 
         Raises :class:`_WorkerUnavailable` if it had died before it was asked.
         """
         try:
-            self.proc.stdin.write(json.dumps({"path": path, "levels": levels}) + "\n")
+            self.proc.stdin.write(json.dumps({"path": path, "levels": levels,
+                                              "storage_options": storage_options}) + "\n")
             self.proc.stdin.flush()
         except OSError as exc:  # the child was gone before it saw the image
             raise _WorkerUnavailable(str(exc)) from exc
@@ -319,7 +378,8 @@ def _serve() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            r = verify_image(request["path"], levels=request["levels"])
+            r = verify_image(request["path"], levels=request["levels"],
+                             storage_options=request.get("storage_options"))
             doc: dict[str, Any] = {"images": r.images, "chunks": r.chunks, "findings": [
                 [f.source, f.key, f.reason] for f in r.findings]}
         except Exception as exc:  # a bug, not damage: the parent raises it
@@ -327,7 +387,8 @@ def _serve() -> None:
         answers.write(json.dumps(doc) + "\n")
 
 
-def _verify_isolated(images: list[str], levels: bool, workers: int) -> list[VerifyReport]:
+def _verify_isolated(images: list[str], levels: bool, workers: int,
+                     storage_options: Mapping[str, Any] | None = None) -> list[VerifyReport]:
     """Reports in the order of ``images``, each from a worker process (see :func:`verify`)."""
     todo = queue.SimpleQueue()
     for i, name in enumerate(images):
@@ -352,10 +413,11 @@ def _verify_isolated(images: list[str], levels: bool, workers: int) -> list[Veri
                         unavailable.append(str(exc))
                 if worker is None:
                     in_process.append(name)
-                    results[i] = verify_image(name, levels=levels)
+                    results[i] = verify_image(name, levels=levels,
+                                              storage_options=storage_options)
                     continue
                 try:
-                    found = worker.check(name, levels)
+                    found = worker.check(name, levels, storage_options)
                 except _WorkerUnavailable:  # died idle: not this image's doing; a new one tries
                     worker.close()
                     worker = None
@@ -364,7 +426,8 @@ def _verify_isolated(images: list[str], levels: bool, workers: int) -> list[Veri
                         todo.put((i, name))
                     else:  # twice: verify it here rather than blame it
                         in_process.append(name)
-                        results[i] = verify_image(name, levels=levels)
+                        results[i] = verify_image(name, levels=levels,
+                                              storage_options=storage_options)
                     continue
                 if found is None:  # the child died on this image's data
                     how, worker = worker.close(), None
@@ -387,25 +450,26 @@ def _verify_isolated(images: list[str], levels: bool, workers: int) -> list[Veri
     return [r for r in results if r is not None]
 
 
-def _compare_sources(root: Path, images: list[Path], source: Any) -> VerifyReport:
+def _compare_sources(images: list[tuple[str, str]], source: Any,
+                     storage_options: Mapping[str, Any] | None) -> VerifyReport:
     """Read the sources again as `convert` does and compare samples image by image."""
 
     report = VerifyReport()
-    stored = {str(p.relative_to(root)) if p != root else p.name: p for p in images}
+    stored = dict(images)
     for image in iter_sources(source, problems=[]):
-        target = stored.get(image.name) or (stored.get(root.name) if len(stored) == 1 else None)
+        target = stored.get(image.name) or stored.get("")
         if target is None:
             report.findings.append(_damaged(image.name, "source",
                                            "source image has no converted counterpart"))
             continue
 
         try:
-            back = read_image(target)
+            back = read_image(target, storage_options=storage_options)
         except Exception as exc:
-            report.findings.append(_damaged(str(target), "source", f"unreadable: {exc}"))
+            report.findings.append(_damaged(target, "source", f"unreadable: {exc}"))
             continue
         expected = np.asarray(image.data)
         if back.shape != expected.shape or not np.array_equal(back, expected):
-            report.findings.append(_damaged(str(target), "source",
+            report.findings.append(_damaged(target, "source",
                                            "samples differ from the source files"))
     return report

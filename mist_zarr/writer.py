@@ -11,12 +11,13 @@ the index, checksums and slice metadata and, last, the completion mark.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,9 +156,8 @@ class _Nodes:
 
     def put(self, key: str, data: bytes) -> None:
         buf = _PROTOTYPE.buffer.from_bytes(data)
-        # Local and memory stores are written from the calling (encoder)
-        # thread; a hop through zarr's event loop per chunk would serialise
-        # the encoders and cost more than the write itself.
+        # Local and memory stores are written from the calling thread: a hop
+        # through zarr's event loop per chunk would cost more than the write.
         if self.direct:
             self.store.set_sync(key, buf)
         else:
@@ -395,26 +395,22 @@ def write_image(
 
 
 def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write_empty) -> _Nodes:
-    """Encode every chunk on a thread pool and store it; return the group.
+    """Encode every chunk on ``threads`` encoder threads and store it from a store stage.
 
-    Encoding starts before ``create`` makes the zarr group and image array
-    (that metadata round trip costs as much as encoding a few slices); the
-    encoder threads wait for it only to store their first chunk.
+    The encoders only map, pad and encode. The checksum, the codestream's
+    prefix lengths and the store write of each chunk run on a separate store
+    stage (one thread for local and memory stores, a few for remote ones),
+    overlapped with the next encodes; at most two chunks per encoder wait
+    there, so memory stays bounded. Encoding starts before ``create`` makes
+    the zarr group and array documents (that round trip costs as much as
+    encoding a few slices).
     """
-    # One function on purpose (~90 lines): ``put`` and ``encode`` are closures
-    # over the pool, the creation event, the lock and the failure list, which
-    # the submitting loop owns; split apart they would pass all of it around.
+    # One function on purpose (~100 lines): ``encode`` and ``store`` are
+    # closures over the pools, the creation event, the lock and the failure
+    # list, which the submitting loop owns; split apart they would pass all of
+    # it around.
     created = threading.Event()
-    target: dict[str, _Nodes] = {}
-
-    def put(coords: tuple[int, ...], encoded: bytes) -> str:
-        created.wait()
-        if "nodes" not in target:
-            raise RuntimeError("the image group was not created")
-        key = target["nodes"].key(IMAGE, coords)
-        target["nodes"].put(key, encoded)
-        return key
-
+    target: dict[str, Any] = {}
     kwargs = encode_kwargs(info.levels)
     iy, ix = plane_axes(info.dims)
     ty, tx = info.chunks[iy], info.chunks[ix]
@@ -422,36 +418,56 @@ def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write
     mapping = info.values
     lock = threading.Lock()
     failures: list[BaseException] = []
+    workers = threads or min(32, os.cpu_count() or 1)
+    waiting = threading.BoundedSemaphore(2 * workers)  # chunks handed to the store stage
 
-    def encode(coords: tuple[int, ...], plane: np.ndarray) -> None:
-        key = f"chunk {coords}"
+    def fail(exc: BaseException, where: str) -> None:
+        exc.add_note(f"while writing {where}")
+        with lock:
+            failures.append(exc)
+
+    def store(coords: tuple[int, ...], tile: np.ndarray, encoded: bytes | None) -> None:
+        try:
+            crc, row = chunk_crc(tile), ()
+            if encoded is not None:
+                row = prefix_lengths(encoded)
+                if len(row) < info.levels + 1 or (info.levels and len(row) != info.levels + 1):
+                    raise CodestreamError(f"encoder wrote {len(row) - 1} levels, "
+                                          f"expected {info.levels}")
+                row = row[: info.levels + 1]
+                nodes = target["nodes"]
+                nodes.put(nodes.key(IMAGE, coords), encoded)
+            with lock:
+                checksum[coords] = crc
+                if row:
+                    index[coords] = row
+        except BaseException as exc:  # reported after the pools drain
+            fail(exc, f"chunk {coords}")
+        finally:
+            waiting.release()
+
+    def encode(coords: tuple[int, ...], plane: np.ndarray) -> Future | None:
         try:
             tile = np.ascontiguousarray(mapping.encode(plane))
             if tile.shape[:2] != (ty, tx):  # edge tile: zarr stores full chunks
                 padded = np.zeros((ty, tx) + tail, tile.dtype)
                 padded[: tile.shape[0], : tile.shape[1]] = tile
                 tile = padded
-            crc = chunk_crc(tile)
-            row = ()
-            if write_empty or tile.any():
-                encoded = imagecodecs.htj2k_encode(tile, **kwargs)
-                row = prefix_lengths(encoded)
-                if len(row) < info.levels + 1 or (info.levels and len(row) != info.levels + 1):
-                    raise CodestreamError(f"encoder wrote {len(row) - 1} levels, expected {info.levels}")
-                row = row[: info.levels + 1]
-                key = put(coords, encoded)
-            with lock:
-                checksum[coords] = crc
-                if row:
-                    index[coords] = row
-        except BaseException as exc:  # reported after the pool drains
-            exc.add_note(f"while writing chunk {key!r}")
-            with lock:
-                failures.append(exc)
+            encoded = imagecodecs.htj2k_encode(tile, **kwargs) \
+                if write_empty or tile.any() else None
+            waiting.acquire()
+            created.wait()
+            if "store" not in target:
+                waiting.release()
+                raise RuntimeError("the image group was not created")
+            return target["store"].submit(store, coords, tile, encoded)
+        except BaseException as exc:
+            fail(exc, f"chunk {coords}")
+            return None
 
     n_lead = iy
-    workers = threads or min(32, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mist-encode") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mist-encode") as pool, \
+            contextlib.ExitStack() as stack:
         # (not enumerate(): its reused result tuple would keep the previous
         # block alive while the next one is read)
         for offset, block in _blocks(data, n_lead):
@@ -465,12 +481,18 @@ def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write
                         futures.append(pool.submit(encode, coords, part))
             if not created.is_set():  # the first block: make the group meanwhile
                 try:
-                    target["nodes"] = create()
+                    target["nodes"] = nodes = create()
+                    # local and memory writes are cheap syscalls: one thread; a
+                    # remote store's requests wait on the network: several
+                    target["store"] = stack.enter_context(ThreadPoolExecutor(
+                        1 if nodes.direct else max(4, workers), thread_name_prefix="mist-store"))
                 finally:
                     created.set()  # on failure the waiting encoders raise and drain
-            for f in futures:
-                f.result()
+            stored = [f.result() for f in futures]
+            for f in stored:
+                if f is not None:
+                    f.result()
             if failures:
                 raise failures[0]
-            del block, planes, part, futures  # before the next block is read
+            del block, planes, part, futures, stored  # before the next block is read
     return target["nodes"]

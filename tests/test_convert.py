@@ -249,3 +249,22 @@ def test_headers_kept_from_the_scan_change_nothing(series, tmp_path, monkeypatch
     a, b = documents(tmp_path / "kept"), documents(tmp_path / "fresh")
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_rerun_without_flags_refuses_before_reading_the_sources(tmp_path, phantom):
+    """A finished unit is refused from its completion marker: its sources are not read
+    again (here they could not be: the file's compressed samples are cut short)."""
+    import nibabel as nib
+
+    src = tmp_path / "a.nii.gz"
+    nib.save(nib.Nifti1Image(phantom.astype(np.int16).T, np.eye(4)), src)
+    assert convert(src, tmp_path / "ds").ok
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) // 2])  # the header still reads; the samples do not
+    again = convert(src, tmp_path / "ds")
+    assert [p.reason for p in again.failed] == \
+        ["already converted (a); pass overwrite (--overwrite) to replace it or skip_existing "
+         "(--skip-existing) to keep it"]
+    assert convert(src, tmp_path / "ds", skip_existing=True).ok
+    replaced = convert(src, tmp_path / "ds", overwrite=True)  # now it is read, and fails
+    assert not replaced.ok and "already converted" not in replaced.failed[0].reason

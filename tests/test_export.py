@@ -16,7 +16,7 @@ import mist_zarr
 from mist_zarr.convert import convert
 from mist_zarr.export import ExportError, export
 
-from .conftest import DATA_DIR
+from .conftest import DATA_DIR, shared
 
 SHARED_NIFTI = sorted(glob.glob(str(DATA_DIR / "nifti" / "*.nii.gz")))
 
@@ -148,3 +148,30 @@ def test_rgb_nifti_roundtrips(tmp_path):
     back = nib.load(result.files[0])
     np.testing.assert_array_equal(np.asanyarray(back.dataobj), voxels)
     np.testing.assert_array_equal(back.affine, nib.load(tmp_path / "rgb.nii").affine)
+
+
+def test_8bit_pictures_of_an_enhanced_mr_use_each_frames_own_window(tmp_path):
+    """Enhanced files keep their VOI window (and rescale) in the per-frame functional
+    groups, not at the top: each picture is windowed with its own frame's values."""
+    import pydicom
+
+    from mist_zarr.reader import read_metadata
+
+    series = shared("mr", "dcm_qa_xa30", "In", "5_anat-T1w_acq-tfl")
+    report = convert(series, tmp_path / "ds")
+    assert report.ok
+    image = tmp_path / "ds" / report.converted[0].path
+    result = export(image, tmp_path / "png", format="png", bits=8, scale=1)
+    assert "8-bit rendering: DICOM window" in result.notes[0]
+    (source,) = sorted(series.iterdir())
+    frames = pydicom.dcmread(source, stop_before_pixels=True).PerFrameFunctionalGroupsSequence
+    stored = mist_zarr.open(image, scale=1).values
+    order = read_metadata(mist_zarr.open_image(image)[0])["dicom_per_slice"]["frame_index"]
+    assert len({float(f.FrameVOILUTSequence[0].WindowWidth) for f in frames}) > 1
+    for z in (0, len(order) // 2, len(order) - 1):
+        frame = frames[order[z]]
+        voi, pixel = frame.FrameVOILUTSequence[0], frame.PixelValueTransformationSequence[0]
+        values = stored[z].astype(float) * float(pixel.RescaleSlope) + float(pixel.RescaleIntercept)
+        lo = float(voi.WindowCenter) - float(voi.WindowWidth) / 2
+        expected = np.clip(np.rint((values - lo) / float(voi.WindowWidth) * 255), 0, 255)
+        np.testing.assert_array_equal(np.asarray(Image.open(result.files[z])), expected)

@@ -212,3 +212,74 @@ def test_a_worker_is_blamed_only_for_the_image_it_died_on(tmp_path):
     with pytest.raises(_WorkerUnavailable):
         idle.check(str(stuck), False)
     idle.close()
+
+
+# -- over URLs: a host checks the copy its users read ----------------------------------
+
+
+def _converted_dataset(tmp_path, phantom):
+    """A dataset with two images and its catalog, converted as a host would."""
+    import nibabel as nib
+
+    for name, shift in [("a", 0), ("b", 7)]:
+        nib.save(nib.Nifti1Image((phantom + shift).astype(np.int16).T, np.eye(4)),
+                 tmp_path / f"{name}.nii.gz")
+    report = mist_zarr.convert([tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"], tmp_path / "ds")
+    assert len(report.converted) == 2 and (tmp_path / "ds" / "catalog.parquet").exists()
+    return tmp_path / "ds", sorted(r.path for r in report.converted)
+
+
+def test_a_dataset_verifies_over_http_and_damage_is_found_there(tmp_path, phantom):
+    from mist_zarr.serve import serve_in_thread
+
+    root, names = _converted_dataset(tmp_path, phantom)
+    with serve_in_thread(root) as server:
+        report = verify(server.url, levels=True, workers=2)
+        assert report.ok and report.images == 2 and report.chunks == 2 * phantom.shape[0]
+        one = verify(f"{server.url}/{names[1]}")  # one image by its URL
+        assert one.ok and one.images == 1
+        data = bytearray(chunk(root / names[1], 3).read_bytes())
+        data[len(data) // 2] ^= 0x40
+        chunk(root / names[1], 3).write_bytes(bytes(data))
+        damaged = verify(server.url)
+        assert [(f.source, f.key) for f in damaged.findings] == \
+            [(f"{server.url}/{names[1]}", "image/c/3/0/0")]
+        # the CLI, as a host runs it
+        cli = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "verify", server.url,
+                              "--json"], capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 1, cli.stderr
+        assert [f["where"] for f in json.loads(cli.stdout)["findings"]] == ["image/c/3/0/0"]
+        # against the sources, read again here and compared with what the server returns
+        assert verify(f"{server.url}/{names[0]}", source=[tmp_path / "a.nii.gz"]).ok
+
+
+def test_http_without_a_catalog_says_what_is_missing(tmp_path, phantom):
+    from mist_zarr.serve import serve_in_thread
+
+    root, _ = _converted_dataset(tmp_path, phantom)
+    (root / "catalog.parquet").unlink()
+    with serve_in_thread(root) as server, \
+            pytest.raises(FileNotFoundError, match="no catalog.parquet lists the dataset's images"):
+        verify(server.url)
+
+
+def test_a_dataset_on_s3_verifies_by_listing(tmp_path, phantom):
+    """Without a catalog an object store is listed; the workers get the storage options."""
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k",
+                     aws_secret_access_key="s", region_name="us-east-1"
+                     ).create_bucket(Bucket="host")
+        options = {"endpoint_url": endpoint, "key": "k", "secret": "s"}
+        for name in ("x/one", "two"):
+            mist_zarr.write_image(f"s3://host/ds/{name}", phantom, storage_options=options)
+        report = verify("s3://host/ds", storage_options=options, workers=2)
+        assert report.ok and report.images == 2, report.findings
+    finally:
+        server.stop()

@@ -192,6 +192,25 @@ def test_interrupted_write_never_looks_complete(tmp_path, monkeypatch, phantom):
         mist_zarr.open(tmp_path / "cut.zarr")
 
 
+class _DiskFullStore(zarr.storage.MemoryStore):
+    """A memory store whose write of one chunk fails, as a full disk would."""
+
+    def set_sync(self, key, value):
+        if key.endswith("image/c/5/0/0"):
+            raise OSError(28, "No space left on device")
+        super().set_sync(key, value)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_failed_chunk_write_fails_the_image_and_names_the_chunk(threads, phantom):
+    store = _DiskFullStore()
+    with pytest.raises(OSError, match="No space left") as failed:
+        mist_zarr.write_image(store, phantom, threads=threads)
+    assert any("chunk (5, 0, 0)" in note for note in failed.value.__notes__)
+    with pytest.raises(mist_zarr.IncompleteImageError):
+        mist_zarr.read_image(store)
+
+
 def test_index_matches_codestreams_and_checksums_match_samples(tmp_path, phantom):
     import google_crc32c
 

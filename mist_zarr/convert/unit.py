@@ -77,6 +77,11 @@ def _marker_key(root: zarr.Group, unit: Unit) -> str:
     return f"{root.store_path.path}/{marker}".strip("/")
 
 
+def _marker_run(root: zarr.Group, unit: Unit) -> str | None:
+    done = get_json(root.store_path.store, _marker_key(root, unit))
+    return done.get("run") if isinstance(done, dict) else None
+
+
 def finished(root: zarr.Group, unit: Unit) -> list[SeriesResult] | None:
     """The unit's images if its marker says done and every one is still complete."""
     done = get_json(root.store_path.store, _marker_key(root, unit))
@@ -95,10 +100,16 @@ def finished(root: zarr.Group, unit: Unit) -> list[SeriesResult] | None:
 def read_unit(unit: Unit, dest: Any, options: Options) -> UnitRead:
     """The reading half of :func:`run_unit`."""
     root = open_root(dest, options.storage_options)
-    if options.skip_existing:
+    if not options.overwrite:
+        # before any source is read: a finished unit is kept or refused as it stands
         done = finished(root, unit)
         if done is not None:
-            return UnitRead(finished=done)
+            if options.skip_existing or _marker_run(root, unit) == options.run:
+                return UnitRead(finished=done)  # same run: a retried task after a lost worker
+            names = ", ".join(r.path for r in done)
+            return UnitRead(issue=SourceIssue(label(unit), (
+                f"already converted ({names}); pass overwrite (--overwrite) to replace it or "
+                "skip_existing (--skip-existing) to keep it"), key=unit.key))
     try:
         return UnitRead(images=read_unit_images(unit, options.max_bytes, options.batch_bytes))
     except (ValueError, OSError) as exc:

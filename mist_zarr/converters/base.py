@@ -17,7 +17,7 @@ from ..format import ImageInfo
 DEFAULT_MAX_BYTES = 8 << 30
 
 __all__ = ["DEFAULT_MAX_BYTES", "ConversionError", "ExportResult", "LazyPlanes", "SourceImage",
-           "StoredImage", "dicom_rescale", "dicom_window", "missing_dependency", "safe_name"]
+           "StoredImage", "missing_dependency", "safe_name"]
 
 
 @dataclass
@@ -173,25 +173,3 @@ class ExportResult:
     level: int
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-def _dicom_pair(info: ImageInfo, first: str, second: str) -> tuple[Any, Any]:
-    """First values of two DICOM JSON attributes of the series (None when absent)."""
-    ds = info.metadata.get("dicom") if isinstance(info.metadata, dict) else None
-    if not isinstance(ds, dict):
-        return None, None
-    return tuple((ds.get(tag, {}).get("Value") or [None])[0] for tag in (first, second))
-
-
-def dicom_rescale(info: ImageInfo) -> tuple[float, float] | None:
-    """(RescaleSlope, RescaleIntercept) of a DICOM-sourced image, None when it has neither."""
-    slope, inter = _dicom_pair(info, "00281053", "00281052")
-    if slope is None and inter is None:
-        return None
-    return float(slope if slope is not None else 1.0), float(inter if inter is not None else 0.0)
-
-
-def dicom_window(info: ImageInfo) -> tuple[float, float] | None:
-    """(WindowCenter, WindowWidth) of a DICOM-sourced image, None unless it has both."""
-    centre, width = _dicom_pair(info, "00281050", "00281051")
-    return (float(centre), float(width)) if centre is not None and width is not None else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,13 +12,13 @@ import numpy as np
 
 from ..errors import ExportError
 from ..format import ImageInfo
+from ..modality import Rescale, find_rescale, find_window
+from ..reader import read_metadata
 from .base import (
     ConversionError,
     ExportResult,
     SourceImage,
     StoredImage,
-    dicom_rescale,
-    dicom_window,
     missing_dependency,
     safe_name,
 )
@@ -213,9 +214,8 @@ def export(image: StoredImage, out: Path, *, format: str, window: Sequence[float
     if not eight:
         data, offset = _sixteen_bit(data, image.source, notes)
     else:
-        notes.append("8-bit rendering: " + ("window " + str(tuple(window)) if window is not None
-                                             else "DICOM window" if dicom_window(info)
-                                             else "min-max of each slice"))
+        rendering = _Rendering.of(image, lead, window)
+        notes.append("8-bit rendering: " + rendering.describe())
     text = {
         "mist_source_format": info.source_format,
         "mist_level": str(k),
@@ -232,7 +232,7 @@ def export(image: StoredImage, out: Path, *, format: str, window: Sequence[float
         suffix = "".join(f"_{d}{i:0{w}d}" for d, i, w in zip(info.dims, idx, width))
         path = out / f"{base}{suffix}.{'png' if fmt == 'png' else 'jpg'}"
         if eight:
-            pic = _to_8bit(plane, info, window) if plane.dtype != np.uint8 or window else plane
+            pic = rendering.picture(plane, idx) if plane.dtype != np.uint8 or window else plane
         else:
             pic = (plane.astype(np.int32) + offset).astype(np.uint16) if offset else plane
             pic = _restore_mode(pic, info)
@@ -272,20 +272,56 @@ def _sixteen_bit(data: np.ndarray, source: Any, notes: list[str]) -> tuple[np.nd
     return data, offset
 
 
-def _to_8bit(plane: np.ndarray, info: ImageInfo, window: Sequence[float] | None) -> np.ndarray:
-    values = plane.astype(np.float64)
-    rescale = dicom_rescale(info)
-    if rescale is not None:
-        values = values * rescale[0] + rescale[1]
-    win = tuple(window) if window is not None else dicom_window(info)
-    if win is None:
-        lo, hi = float(values.min()), float(values.max())
-    else:
-        lo, hi = win[0] - win[1] / 2, win[0] + win[1] / 2
-    scaled = (values - lo) / max(hi - lo, 1e-12) * 255.0
-    out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    mono1 = isinstance(info.metadata, dict) and info.metadata.get("photometric") == "MONOCHROME1"
-    return 255 - out if mono1 else out
+class _Rendering:
+    """How planes become 8-bit pictures: DICOM modality values (the rescale, per slice
+    where it varies), then a window (the caller's, the DICOM VOI window of each
+    slice, or each slice's min-max)."""
+
+    def __init__(self, rescale: Rescale | None, window: Sequence[float] | None,
+                 dicom_window: tuple[np.ndarray, np.ndarray] | None, mono1: bool) -> None:
+        self.rescale, self.window, self.dicom_window, self.mono1 = \
+            rescale, window, dicom_window, mono1
+
+    @classmethod
+    def of(cls, image: StoredImage, lead: tuple[int, ...],
+           window: Sequence[float] | None) -> _Rendering:
+        info = image.info
+        metadata = info.metadata if isinstance(info.metadata, dict) else {}
+        mono1 = metadata.get("photometric") == "MONOCHROME1"
+        if not isinstance(metadata.get("dicom"), dict):
+            return cls(None, window, None, mono1)
+        # enhanced files keep the rescale and the window in their functional groups,
+        # classic series with varying values per slice: both read as find_rescale does
+        per_slice = functools.cache(lambda: read_metadata(image.group))
+        rescale = find_rescale(metadata, lead, per_slice)
+        dicom_window = find_window(metadata, lead, per_slice) if window is None else None
+        return cls(None if rescale.identity else rescale, window, dicom_window, mono1)
+
+    def describe(self) -> str:
+        how = ("window " + str(tuple(self.window)) if self.window is not None
+               else "DICOM window" if self.dicom_window is not None
+               else "min-max of each slice")
+        return how + (f", on modality values ({self.rescale.source})" if self.rescale else "")
+
+    def picture(self, plane: np.ndarray, idx: tuple[int, ...]) -> np.ndarray:
+        values = plane.astype(np.float64)
+        if self.rescale is not None:
+            slope, intercept = (float(np.asarray(v)[idx]) if np.ndim(v) else float(v)
+                                for v in (self.rescale.slope, self.rescale.intercept))
+            values = values * slope + intercept
+        if self.window is not None:
+            centre, width = (float(v) for v in self.window)
+        elif self.dicom_window is not None:
+            centre, width = (float(w[idx]) for w in self.dicom_window)
+        else:
+            centre, width = None, None
+        if centre is None:
+            lo, hi = float(values.min()), float(values.max())
+        else:
+            lo, hi = centre - width / 2, centre + width / 2
+        scaled = (values - lo) / max(hi - lo, 1e-12) * 255.0
+        out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        return 255 - out if self.mono1 else out
 
 
 def _restore_mode(plane: np.ndarray, info: ImageInfo) -> np.ndarray:
