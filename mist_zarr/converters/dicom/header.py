@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import DicomError, SourceIssue, one_line
+from .functional import PER_FRAME_TAG, FrameGroups, read_frame_groups, skip_per_frame
 from .jsonmodel import _element_signature, _is_metadata_tag, _JsonBuilder
 from .tags import _get, _int, _pydicom, _text
 
@@ -96,10 +97,16 @@ def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
 
     captured: dict[str, Any] = {}
     loc = None
+    at_per_frame = []
 
     def stop(tag: int, vr: str | None, length: int) -> bool:
         if int(tag) in _PIXEL_TAGS:
             captured.update(tag=int(tag), vr=vr, length=length)
+            return True
+        # an explicit VR per-frame sequence at the top level: read once per file by
+        # functional.read_frame_groups instead of parsed here item by item
+        if int(tag) == PER_FRAME_TAG and vr == "SQ" and not at_per_frame:
+            at_per_frame.append(True)
             return True
         return False
 
@@ -110,6 +117,8 @@ def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
             ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
             if not ts:
                 raise _Refused(path, "File Meta Information has no TransferSyntaxUID")
+            if at_per_frame and not captured:
+                ds = _read_rest(path, fp, ds, ts, stop)
             if captured and str(ts) != _DEFLATED:
                 loc = _check_pixel_extent(path, fp, ds, ts, captured)
     except _Refused:
@@ -125,6 +134,22 @@ def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
     except Exception as exc:
         raise _Refused(path, f"unreadable DICOM header ({one_line(exc)})") from None
     return ds, captured.get("tag"), loc
+
+
+def _read_rest(path: str, fp: Any, ds: Any, ts: Any, stop: Any) -> Any:
+    """Finish a header read that stopped at its PerFrameFunctionalGroupsSequence."""
+    from pydicom.filereader import read_dataset, read_partial
+
+    if str(ts) == _DEFLATED or ts.is_implicit_VR or not ts.is_little_endian:
+        # fp is not the stream pydicom read from (deflated), or the walker does not apply:
+        # read the header again with the sequence parsed as usual
+        fp.seek(0)
+        return read_partial(fp, stop_when=lambda t, vr, n: int(t) in _PIXEL_TAGS and stop(t, vr, n),
+                            force=False)
+    skip_per_frame(fp, ds)  # or, where it cannot, left to read_dataset below
+    rest = read_dataset(fp, False, True, stop_when=stop, parent_encoding=ds._character_set)
+    ds._dict.update(rest._dict)  # raw, as read_partial leaves them (not via __setitem__)
+    return ds
 
 
 # -- headers kept from the scan for the read ------------------------------------------
@@ -311,6 +336,7 @@ class _FileInfo:
     builder: _JsonBuilder
     warnings: list[str] = field(default_factory=list)
     mosaic: tuple[int, int, int] | None = None  # (tiles per side, tile rows, tile columns)
+    _groups: FrameGroups | None = field(default=None, repr=False)
 
     @property
     def charset(self) -> str:
@@ -328,10 +354,18 @@ class _FileInfo:
         """Return the DICOM JSON model of one top-level element, or None if absent or invalid."""
         return self.builder.element(self.ds, tag, self.charset)
 
+    def frame_groups(self) -> FrameGroups:
+        """The per-frame functional groups (enhanced files), read once."""
+        if self._groups is None:
+            self._groups = read_frame_groups(self.ds, self.builder, self.charset)
+        return self._groups
+
     def perframe(self, index: int) -> dict[str, Any] | None:
         """Return the JSON model of one item of PerFrameFunctionalGroupsSequence."""
-        items = _get(self.ds, "PerFrameFunctionalGroupsSequence") or []
-        return self.builder.dataset(items[index], self.charset) if index < len(items) else None
+        if not self.enhanced:
+            return None
+        items = self.frame_groups().json
+        return items[index] if index < len(items) else None
 
 
 def _load_file(path: str, builder: _JsonBuilder) -> _FileInfo:

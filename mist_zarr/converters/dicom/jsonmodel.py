@@ -59,6 +59,8 @@ class _JsonBuilder:
 
     def __init__(self) -> None:
         self._memo: dict[Any, dict[str, Any]] = {}
+        self.items: dict[Any, dict[str, Any]] = {}  # (charset, item bytes) -> JSON (see functional)
+        self._elements: dict[Any, Any] = {}  # (charset, (tag, VR, bytes)) -> pydicom DataElement
         self.dropped: set[str] = set()
 
     def dataset(self, ds: Any, charset: str) -> dict[str, Any]:
@@ -103,6 +105,38 @@ class _JsonBuilder:
         if sig is not None:
             self._memo[sig] = out
         return out
+
+    def raw(self, tag: int, vr: str, value: bytes, charset: str, encodings: Any) -> dict[str, Any] | None:
+        """The JSON model of one explicit VR little endian element given by its encoded
+        value: what :meth:`element` gives for the element read by pydicom (same memo).
+        The caller silences pydicom's warnings (:meth:`element` does it per element)."""
+        sig = (charset, (tag, vr, value))
+        hit = self._memo.get(sig)
+        if hit is not None:
+            return hit
+        try:
+            out = self.data_element(tag, vr, value, charset, encodings).to_json_dict(
+                bulk_data_element_handler=_bulk_uri, bulk_data_threshold=BULK_DATA_THRESHOLD
+            )
+            json.dumps(out)
+        except Exception:
+            self.dropped.add(f"{tag:08X}")
+            return None
+        self._memo[sig] = out
+        return out
+
+    def data_element(self, tag: int, vr: str, value: bytes, charset: str, encodings: Any) -> Any:
+        """pydicom's DataElement for an explicit VR little endian element that is no
+        sequence, converted once per distinct value (raises as pydicom does)."""
+        sig = (charset, (tag, vr, value))
+        elem = self._elements.get(sig)
+        if elem is None:
+            from pydicom.dataelem import RawDataElement, convert_raw_data_element
+            from pydicom.tag import BaseTag
+
+            raw = RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True)
+            elem = self._elements[sig] = convert_raw_data_element(raw, encoding=encodings)
+        return elem
 
 
 def _memo_key(charset: str, raw: Any) -> Any:
