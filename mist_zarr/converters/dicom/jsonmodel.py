@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from dataclasses import dataclass
 from typing import Any
+
+from .walk import _Item, walked_items
 
 #: Binary values longer than this are summarised in the JSON metadata (bytes).
 BULK_DATA_THRESHOLD = 1024
@@ -85,6 +88,14 @@ class _JsonBuilder:
         hit = self._memo.get(sig) if sig is not None else None
         if hit is not None:
             return hit
+        walked = walked_items(raw)
+        if walked is not None:  # a sequence kept raw when the header was read
+            src = Encoded(raw.value, walked[1], charset, ds.original_character_set or ds._character_set)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = {"vr": "SQ", "Value": [self.item_json(item, src) for item in walked[0]]}
+            self._memo[sig] = out
+            return out
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -106,37 +117,76 @@ class _JsonBuilder:
             self._memo[sig] = out
         return out
 
-    def raw(self, tag: int, vr: str, value: bytes, charset: str, encodings: Any) -> dict[str, Any] | None:
-        """The JSON model of one explicit VR little endian element given by its encoded
-        value: what :meth:`element` gives for the element read by pydicom (same memo).
-        The caller silences pydicom's warnings (:meth:`element` does it per element)."""
-        sig = (charset, (tag, vr, value))
-        hit = self._memo.get(sig)
-        if hit is not None:
-            return hit
+    def item_json(self, item: _Item, src: Encoded) -> dict[str, Any]:
+        """The JSON model of a walked item: what :meth:`dataset` gives for the Dataset
+        pydicom reads from the same bytes (memoised on them). The caller silences
+        pydicom's warnings (:meth:`element` does it per element)."""
+        key = (src.charset, src.bytes(item[0], item[1]))
+        hit = self.items.get(key)
+        if hit is None:
+            hit = self.items[key] = self.elements_json(item[2], src)
+        return hit
+
+    def elements_json(self, elements: dict[int, tuple[Any, ...]], src: Encoded) -> dict[str, Any]:
+        """The JSON model of a walked item's elements (:meth:`item_json` without the memo)."""
+        out: dict[str, Any] = {}
+        memo, buf, base, charset = self._memo, src.buf, src.base, src.charset
+        for tag, node in elements.items():
+            key = _KEYS.get(tag) or _KEYS.setdefault(tag, f"{tag:08X}")
+            if key in _NON_METADATA_TAGS:
+                continue
+            if node[0] == "SQ":
+                out[key] = {"vr": "SQ", "Value": [self.item_json(i, src) for i in node[1]]}
+                continue
+            vr, start, stop = node
+            sig = (charset, (tag, vr, buf[start - base : stop - base]))
+            value = memo.get(sig) or self._leaf_json(sig, src.encodings)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def _leaf_json(self, sig: Any, encodings: Any) -> dict[str, Any] | None:
         try:
-            out = self.data_element(tag, vr, value, charset, encodings).to_json_dict(
+            out = self.data_element(sig, encodings).to_json_dict(
                 bulk_data_element_handler=_bulk_uri, bulk_data_threshold=BULK_DATA_THRESHOLD
             )
             json.dumps(out)
         except Exception:
-            self.dropped.add(f"{tag:08X}")
+            self.dropped.add(f"{sig[1][0]:08X}")
             return None
         self._memo[sig] = out
         return out
 
-    def data_element(self, tag: int, vr: str, value: bytes, charset: str, encodings: Any) -> Any:
-        """pydicom's DataElement for an explicit VR little endian element that is no
-        sequence, converted once per distinct value (raises as pydicom does)."""
-        sig = (charset, (tag, vr, value))
+    def data_element(self, sig: Any, encodings: Any) -> Any:
+        """pydicom's DataElement for the explicit VR little endian element (no sequence)
+        ``sig`` = (charset, (tag, VR, encoded value)), converted once per distinct value
+        (raises as pydicom does)."""
         elem = self._elements.get(sig)
         if elem is None:
             from pydicom.dataelem import RawDataElement, convert_raw_data_element
             from pydicom.tag import BaseTag
 
+            tag, vr, value = sig[1]
             raw = RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True)
             elem = self._elements[sig] = convert_raw_data_element(raw, encoding=encodings)
         return elem
+
+
+_KEYS: dict[int, str] = {}  # tag -> "GGGGEEEE"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Where the bytes of walked items are (positions count from ``base``) and how
+    their text is decoded (``encodings``: pydicom's, from ``charset``)."""
+
+    buf: bytes
+    base: int
+    charset: str
+    encodings: Any
+
+    def bytes(self, start: int, stop: int) -> bytes:
+        return self.buf[start - self.base : stop - self.base]
 
 
 def _memo_key(charset: str, raw: Any) -> Any:

@@ -27,8 +27,7 @@ from .record import _base_group, _Frame
 
 def _expand_enhanced(fi: int, info: _FileInfo) -> list[_Frame]:
     ds = info.ds
-    shared_seq = _get(ds, "SharedFunctionalGroupsSequence")
-    shared = shared_seq[0] if shared_seq else None
+    shared = info.shared_group()
     perframe = info.frame_groups().items
     if len(perframe) != info.n_frames:
         raise DicomError(
