@@ -73,7 +73,7 @@ class _ItemView:
     """A walked item read as the pydicom Dataset it encodes: ``get(keyword)`` gives the
     element's value (a list of views for a sequence), ``keyword in view`` its presence."""
 
-    __slots__ = ("_builder", "_src", "_elements")
+    __slots__ = ("_builder", "_elements", "_src")
 
     def __init__(self, builder: _JsonBuilder, src: Encoded, item: _Item) -> None:
         self._builder = builder

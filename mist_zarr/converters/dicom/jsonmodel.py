@@ -150,7 +150,8 @@ class _JsonBuilder:
             out = self.data_element(sig, encodings).to_json_dict(
                 bulk_data_element_handler=_bulk_uri, bulk_data_threshold=BULK_DATA_THRESHOLD
             )
-            json.dumps(out)
+            if not _plain(out):
+                json.dumps(out)  # raises for what the JSON metadata cannot hold
         except Exception:
             self.dropped.add(f"{sig[1][0]:08X}")
             return None
@@ -173,6 +174,14 @@ class _JsonBuilder:
 
 
 _KEYS: dict[int, str] = {}  # tag -> "GGGGEEEE"
+_SCALARS = (str, int, float, type(None))
+
+
+def _plain(element: dict[str, Any]) -> bool:
+    """True when json.dumps surely accepts ``element`` (a leaf's JSON model): its values
+    are strings, numbers or nulls (the common case, checked faster than by dumping)."""
+    value = element.get("Value", ())
+    return type(value) is list and all(isinstance(v, _SCALARS) for v in value)
 
 
 @dataclass(frozen=True)
