@@ -152,7 +152,7 @@ class _JsonBuilder:
             )
             if not _plain(out):
                 json.dumps(out)  # raises for what the JSON metadata cannot hold
-        except Exception:
+        except Exception:  # noqa: BLE001 - any bad value: left out, named in dropped
             self.dropped.add(f"{sig[1][0]:08X}")
             return None
         self._memo[sig] = out
