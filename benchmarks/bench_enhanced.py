@@ -9,12 +9,15 @@ Each round starts one fresh ``python -c`` worker per contender, with
 ``PYTHONPATH`` set to its tree, in alternating order (before first on even
 rounds, after first on odd ones). A worker imports mist_zarr and converts a
 small series once (imports and first-call costs stay outside the timings),
-then converts every input into a fresh folder and reports wall and CPU time
-(``time.process_time``: all threads of the worker) per input.
+then, per input, reads it as DICOM (``scan_dicom`` + ``read_dicom_series``,
+the part the enhanced work changed) and converts it into a fresh folder
+(``mist_zarr.convert``: scan, read, HTJ2K writes, catalog), reporting wall and
+CPU time (``time.process_time``: all threads of the worker) of each.
 
 MB/s are MB (10^6 bytes) of stored samples (Rows x Columns x frames x samples
 x bytes per sample, from the headers) per second of wall time; "x" is the
-median over rounds of the per-round ratio before / after. After the timed
+median over rounds of the per-round ratio before / after (of wall and of CPU
+time: CPU time is the steadier figure on a loaded machine). After the timed
 rounds the last round's outputs of the two contenders are compared file by
 file, with the random run and write ids masked and ``catalog.parquet``
 compared as a table: the script says whether they are identical.
@@ -52,13 +55,21 @@ RUN_IDS = re.compile(rb'"(convert_run|run|write_id)": ?"[0-9a-f]{32}"')
 WORKER = """\
 import json, sys, tempfile, time
 import mist_zarr
+from mist_zarr.converters.dicom import read_dicom_series, scan_dicom
+from mist_zarr.converters.dicom.header import forget_headers
 jobs, warm = json.loads(sys.argv[1]), sys.argv[2]
 mist_zarr.convert(warm, tempfile.mkdtemp())
 for name, src, out in jobs:
+    row = {"name": name, "module": mist_zarr.__file__}
+    c0, t0 = time.process_time(), time.perf_counter()
+    volumes = [read_dicom_series(ref) for ref in scan_dicom(src).series]
+    row.update(read_wall=time.perf_counter() - t0, read_cpu=time.process_time() - c0)
+    del volumes
+    forget_headers()
     c0, t0 = time.process_time(), time.perf_counter()
     mist_zarr.convert(src, out)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    print(json.dumps({"name": name, "wall": wall, "cpu": cpu, "module": mist_zarr.__file__}))
+    row.update(wall=time.perf_counter() - t0, cpu=time.process_time() - c0)
+    print(json.dumps(row))
 """
 
 
@@ -146,20 +157,25 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for name in inputs:
                     times[contender][name].append(rows[name])
         print(f"load average after the runs: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        print(f"\nwall s (MB/s of samples), medians of {args.repeat}; CPU s in brackets\n")
-        print("| input | samples MB | before | after | before / after |")
-        print("|---|---:|---:|---:|---:|")
-        for name in inputs:
-            mb = samples[name] / MB
-            cells = []
-            for contender in trees:
-                runs = times[contender][name]
-                wall = statistics.median(x["wall"] for x in runs)
-                cpu = statistics.median(x["cpu"] for x in runs)
-                cells.append(f"{wall:.2f} ({mb / wall:.1f} MB/s) [{cpu:.2f}]")
-            ratio = statistics.median(b["wall"] / a["wall"] for b, a in
-                                      zip(times["before"][name], times["after"][name]))
-            print(f"| {name} | {mb:.2f} | {cells[0]} | {cells[1]} | {ratio:.1f}x |")
+        for key, title in (("", "mist_zarr.convert (scan, read, write, catalog)"),
+                           ("read_", "the DICOM read alone: scan_dicom + read_dicom_series")):
+            print(f"\n{title}: wall s (MB/s of samples), medians of {args.repeat}; "
+                  "CPU s in brackets\n")
+            print("| input | samples MB | before | after | before / after (wall) | (CPU) |")
+            print("|---|---:|---:|---:|---:|---:|")
+            for name in inputs:
+                mb = samples[name] / MB
+                cells = []
+                for contender in trees:
+                    runs = times[contender][name]
+                    wall = statistics.median(x[key + "wall"] for x in runs)
+                    cpu = statistics.median(x[key + "cpu"] for x in runs)
+                    cells.append(f"{wall:.2f} ({mb / wall:.1f} MB/s) [{cpu:.2f}]")
+                ratios = [statistics.median(b[key + m] / a[key + m] for b, a in
+                                            zip(times["before"][name], times["after"][name]))
+                          for m in ("wall", "cpu")]
+                print(f"| {name} | {mb:.2f} | {cells[0]} | {cells[1]} | {ratios[0]:.1f}x "
+                      f"| {ratios[1]:.1f}x |")
         diffs = []
         for i in range(len(inputs)):
             diffs += compare_outputs(work / "before" / f"{i}", work / "after" / f"{i}")
