@@ -3,11 +3,10 @@
 An enhanced header is mostly its PerFrameFunctionalGroupsSequence: a few
 dozen elements per frame, most of them byte-identical from frame to frame,
 beside one SharedFunctionalGroupsSequence item. Both are kept raw when the
-header is read (``walk.skip_sequence``; 85 % of the header read of the shared
-Siemens XA30 files was pydicom parsing them) and are read here from their
-walked bytes: each distinct value is converted by pydicom once per series
-(memoised in the series' :class:`~.jsonmodel._JsonBuilder`), each frame gets
-its JSON model and a typed view (:class:`_ItemView`) that answers ``get`` and
+header is read (``walk.skip_sequence``) and are read here from their walked
+bytes: each distinct value is converted by pydicom once per series (memoised
+in the series' :class:`~.jsonmodel._JsonBuilder`), and each frame gets its
+JSON model and a typed view (:class:`_ItemView`) that answers ``get`` and
 ``in`` as the Dataset it stands for would. Where the walker does not apply
 (another transfer syntax, an encoding it leaves to pydicom) the Datasets that
 pydicom parses are used as before.

@@ -90,7 +90,9 @@ def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
 
     Returns the header dataset, the pixel data tag (None if absent) and the
     location of its value (None if absent or deflated). Raises _Refused for
-    non-DICOM, unreadable or truncated files.
+    non-DICOM, unreadable or truncated files. In explicit VR little endian
+    files the functional-group sequences stay raw elements (see
+    ``walk.skip_sequence``); pydicom parses them if they are accessed.
     """
     _pydicom()
     from pydicom.errors import InvalidDicomError

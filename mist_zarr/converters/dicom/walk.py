@@ -1,13 +1,13 @@
 """Explicit VR little endian sequences walked over their element headers, not parsed.
 
 pydicom reads every element of a sequence into its own Dataset when the
-header is read, at a few microseconds per element: most of the header read
-of an enhanced multi-frame file, whose functional-group sequences hold a few
-dozen elements per frame. The walker here only finds where each item and
-element lies (about 0.75 us per element), so that the sequence can be kept
-as one raw element (:func:`skip_sequence`) and each distinct value in it
-converted by pydicom once, when and if it is needed (see ``jsonmodel`` and
-``functional``).
+header is read: most of the header read of an enhanced multi-frame file,
+whose functional-group sequences hold a few dozen elements per frame. The
+walker here only finds where each item and element lies, so that the
+sequence can be kept as one raw element (:func:`skip_sequence`) and each
+distinct value in it converted by pydicom once, when it is needed (see
+``jsonmodel`` and ``functional``). The scan's walk travels with the value
+(:class:`_Walked`): the read does not walk it again.
 
 It models exactly what pydicom's reader does with well-formed explicit VR
 little endian data; for anything else (an unknown VR, where pydicom switches
