@@ -56,13 +56,15 @@ class _JsonBuilder:
 
     Enhanced multi-frame headers repeat the same functional-group items for
     hundreds of frames; memoising on (character set, tag, VR, raw bytes)
-    makes their per-frame JSON cheap. Elements that cannot be converted are
-    left out and their tags collected in ``dropped``.
+    makes their per-frame JSON cheap. Sequences kept raw when the header was
+    read (``walk``) are converted from their walked bytes, each distinct item
+    and value once. Elements that cannot be converted are left out and their
+    tags collected in ``dropped``.
     """
 
     def __init__(self) -> None:
         self._memo: dict[Any, dict[str, Any]] = {}
-        self.items: dict[Any, dict[str, Any]] = {}  # (charset, item bytes) -> JSON (see functional)
+        self._items: dict[Any, dict[str, Any]] = {}  # (charset, walked item bytes) -> JSON
         self._elements: dict[Any, Any] = {}  # (charset, (tag, VR, bytes)) -> pydicom DataElement
         self.dropped: set[str] = set()
 
@@ -122,9 +124,9 @@ class _JsonBuilder:
         pydicom reads from the same bytes (memoised on them). The caller silences
         pydicom's warnings (:meth:`element` does it per element)."""
         key = (src.charset, src.bytes(item[0], item[1]))
-        hit = self.items.get(key)
+        hit = self._items.get(key)
         if hit is None:
-            hit = self.items[key] = self.elements_json(item[2], src)
+            hit = self._items[key] = self.elements_json(item[2], src)
         return hit
 
     def elements_json(self, elements: dict[int, tuple[Any, ...]], src: Encoded) -> dict[str, Any]:
