@@ -13,7 +13,7 @@ from typing import Any
 
 import zarr
 
-from ..catalog import CATALOG, FAILURES, update_catalog, update_failures
+from ..catalog import CATALOG, FAILURES, update_catalog_table, update_failures_table
 from ..converters.base import DEFAULT_MAX_BYTES
 from ..converters.dicom import forget_headers
 from ..converters.sources import Unit, plan
@@ -163,7 +163,7 @@ def _update_failures(root: zarr.Group, report: ConvertReport, units: list[Unit],
     rows = [{**issue_json(p), "run": run, "time": now} for p in report.problems
             if p.key not in stored]
     try:
-        update_failures(root, rows, seen)
+        update_failures_table(root, rows, seen)
     except (OSError, ValueError, ImportError) as exc:
         report.problems.append(SourceIssue(f"{report.dest}/{FAILURES}",
                                            f"failure report not written: {exc}"))
@@ -172,7 +172,7 @@ def _update_failures(root: zarr.Group, report: ConvertReport, units: list[Unit],
 def _update_catalog(root: zarr.Group, report: ConvertReport) -> None:
     """Keep the dataset's catalog.parquet in step with the images just written."""
     try:
-        update_catalog(root, [r.path for r in report.converted if r.status == "converted"])
+        update_catalog_table(root, [r.path for r in report.converted if r.status == "converted"])
     except (OSError, ValueError, ImportError) as exc:
         report.problems.append(SourceIssue(f"{report.dest}/{CATALOG}",
                                            f"catalog not updated: {exc}"))
