@@ -144,7 +144,9 @@ def encode_catalog(columns: Mapping[str, Any], types: Mapping[str, Any] | None =
     missing = [c for c in COLUMNS if c not in columns]
     if missing:
         raise ValueError(f"catalog frame lacks the columns {missing}")
-    arrays = [_array(name, values, (types or {}).get(name)) for name, values in columns.items()]
+    built = _json_columns(columns)
+    arrays = [built[name] if name in built else _array(name, values, (types or {}).get(name))
+              for name, values in columns.items()]
     fields = [pa.field(name, array.type) for name, array in zip(columns, arrays)]
     meta = {META_KEY: json.dumps({
         "version": CATALOG_VERSION, "images": len(arrays[0]),
@@ -154,6 +156,33 @@ def encode_catalog(columns: Mapping[str, Any], types: Mapping[str, Any] | None =
     sink = pa.BufferOutputStream()  # not io.BytesIO: see decode_catalog
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes()
+
+
+def _json_columns(columns: Mapping[str, Any]) -> dict[str, Any]:
+    """The schema's columns among ``columns`` made by arrow's JSON reader with the schema's
+    types; {} when there are no rows or a value is no JSON (the caller uses ``pa.array``).
+
+    Why: ``pa.array`` of Python values imports pandas (pyarrow's pandas shim tries on
+    first use), about 0.5 s that every ``convert`` would pay to write a few rows.
+    """
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    names = [c for c, v in columns.items() if c in COLUMNS and not isinstance(v, pa.Array)]
+    rows = list(zip(*(columns[c] for c in names)))
+    if not rows:
+        return {}
+    try:
+        lines = "\n".join(json.dumps(dict(zip(names, row)), default=_json_default,
+                                     allow_nan=False) for row in rows)
+        table = pj.read_json(
+            pa.BufferReader(lines.encode()), read_options=pj.ReadOptions(use_threads=False),
+            parse_options=pj.ParseOptions(
+                explicit_schema=pa.schema([(c, _arrow_type(COLUMNS[c][0])) for c in names]),
+                unexpected_field_behavior="error"))
+    except (pa.ArrowException, TypeError, ValueError):
+        return {}
+    return {c: table.column(c) for c in names}
 
 
 def encode_table(table: Table) -> bytes:
@@ -168,9 +197,10 @@ def decode_catalog(data: bytes) -> Table | None:
     import pyarrow.parquet as pq
 
     # ParquetFile, not read_table: read_table loads pyarrow.dataset, which imports
-    # pandas. An arrow buffer, not a Python file object (io.BytesIO): reads through
-    # one can abort the interpreter at exit ("terminate called without an active
-    # exception", apache/arrow#34314, #50482): about 1 `ls` in 4 did here (pyarrow 26).
+    # pandas. An arrow buffer, not a Python file object (io.BytesIO): without pandas
+    # loaded, a read through one aborted the interpreter at exit in 1 run in 5 to 10
+    # here ("terminate called without an active exception", rc 134; pyarrow 26;
+    # apache/arrow#34314, #50482); never through a buffer.
     table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
     meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
     if meta.get("version") != CATALOG_VERSION:
