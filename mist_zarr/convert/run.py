@@ -127,25 +127,29 @@ def _maybe_labels(unit: Unit, labels: bool | str | None) -> bool:
 def _run(units: list[Unit], dest: Any, options: Options, workers: int | None,
          scheduler: str | None, report: ConvertReport, progress: bool) -> None:
     """Run the units on the chosen runner, adding their outcomes to ``report``."""
-    from tqdm.auto import tqdm  # lazy: see the package docstring
+    bar = None
+    if progress:  # tqdm only for a bar (20-30 ms to import, a monitor thread)
+        from tqdm.auto import tqdm
 
-    # one step per series (or non-DICOM file), whichever worker finished it
-    bar = tqdm(total=len(units), unit="series", desc="convert", disable=not progress,
-               leave=False)
+        # one step per series (or non-DICOM file), whichever worker finished it
+        bar = tqdm(total=len(units), unit="series", desc="convert", leave=False)
 
     def collect(unit: Unit, outcome: tuple[list[SeriesResult], list[SourceIssue]]) -> None:
         results, unit_problems = outcome
         report.converted += results
         report.problems += unit_problems
-        bar.update(1)
-        bar.set_postfix_str(f"{len(report.converted)} images, {len(report.failed)} failed, "
-                            f"{report.bytes_in / 1e6:.0f} MB in -> {report.bytes_out / 1e6:.0f} MB out")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{len(report.converted)} images, {len(report.failed)} failed, "
+                                f"{report.bytes_in / 1e6:.0f} MB in -> "
+                                f"{report.bytes_out / 1e6:.0f} MB out")
 
     if workers or scheduler:
         run_distributed(units, dest, options, workers, scheduler, collect)
     else:
         run_local(units, dest, options, collect)
-    bar.close()
+    if bar is not None:
+        bar.close()
 
 
 def _update_failures(root: zarr.Group, report: ConvertReport, units: list[Unit], run: str) -> None:
