@@ -10,8 +10,9 @@ new alternating (the order swapped every round) for ``--repeat`` rounds:
   41-slice CT (``ct/CRLM-CT-1004``): time to the first byte of output and to
   exit, and whether old and new print the same bytes;
 * ``convert CT DEST -q`` into a fresh folder each run, against ``dcm2niix -z y``
-  with no ``pigz`` on PATH (it then compresses in-process), the target of
-  issue 16 ("faster than dcm2niix -z y without pigz on every row").
+  with no ``pigz`` on PATH (it then compresses in-process), run after the two
+  converts in even rounds and before them in odd ones: the target of issue 16
+  ("faster than dcm2niix -z y without pigz on every row").
 
 Figures are wall seconds from process start (interpreter start-up included),
 medians over the rounds, and the median of the per-round ratios new / old.
@@ -89,6 +90,15 @@ def find_dcm2niix() -> str:
         return found
 
 
+def run_dcm2niix(exe: str, src: Path, dest: Path, no_pigz: Path) -> float:
+    """Wall s of ``dcm2niix -z y`` into a fresh ``dest``, no pigz on PATH."""
+    dest.mkdir()
+    _, wall, _ = run([exe, "-z", "y", "-o", str(dest), str(src)],
+                     {**os.environ, "PATH": str(no_pigz)})
+    shutil.rmtree(dest)
+    return wall
+
+
 def import_time(args: list[str], env: dict[str, str]) -> tuple[float, list[tuple[str, float]]]:
     """Seconds spent importing during ``mist-zarr ARGS`` (top-level imports' cumulative
     times from ``-X importtime``) and the five largest of them."""
@@ -144,6 +154,8 @@ def main() -> None:
     for r in range(args.repeat):
         order = [("old", old), ("new", new)] if r % 2 == 0 else [("new", new), ("old", old)]
         for name, argv in commands.items():
+            if argv is None and r % 2:
+                dcm.wall.append(run_dcm2niix(dcm2niix, src, work / f"dcm2niix-{r}", no_pigz))
             for code, env in order:
                 if argv is None:
                     dest = work / f"convert-{r}-{code}"
@@ -156,13 +168,8 @@ def main() -> None:
                 t.first.append(first)
                 t.wall.append(wall)
                 t.outputs.add(out)
-            if argv is None:  # dcm2niix beside the converts, in the same round
-                dest = work / f"dcm2niix-{r}"
-                dest.mkdir()
-                _, wall, _ = run([dcm2niix, "-z", "y", "-o", str(dest), str(src)],
-                                 {**os.environ, "PATH": str(no_pigz)})
-                dcm.wall.append(wall)
-                shutil.rmtree(dest)
+            if argv is None and not r % 2:  # dcm2niix beside the converts: after, then before
+                dcm.wall.append(run_dcm2niix(dcm2niix, src, work / f"dcm2niix-{r}", no_pigz))
     print(f"load after the runs: {load()}\n")
 
     med = statistics.median
@@ -179,7 +186,8 @@ def main() -> None:
     conv = timings["convert 41 slices", "new"]
     print(f"| `dcm2niix -z y` (no pigz), 41 slices | | | | {med(dcm.wall):.2f} | | |")
     print(f"\nconvert 41 slices, new / dcm2niix -z y (median of rounds): "
-          f"{med(a / b for a, b in zip(conv.wall, dcm.wall)):.2f}")
+          f"{med(a / b for a, b in zip(conv.wall, dcm.wall)):.2f}; per round (s): "
+          + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(conv.wall, dcm.wall)))
 
     print("\nimport time of the new code (python -X importtime; top-level cumulative):")
     for name, argv in commands.items():
