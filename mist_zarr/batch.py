@@ -63,7 +63,7 @@ def _read_one(source: Any, *, scale: int | None, size: int | None, below: bool, 
     image = open_direct(source, storage_options=storage_options)
     info = image.info
     k = choose_level(info, scale=scale, size=size, below=below, source=source)
-    values = info.values.decode(image.read(k, threads=threads))
+    values = image.read_values(k, threads=threads)
     if rescale:
         factor = find_rescale(info.metadata, info.shape[:info.dims.index("y")],
                               image.slice_metadata)

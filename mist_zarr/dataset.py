@@ -154,7 +154,7 @@ class MistDataset:
         info = image.info
         k = choose_level(info, scale=self.scale, size=self.size, below=self.below, clamp=True)
         threads = self.threads or (None if os.getpid() == self._maker else 1)
-        values = info.values.decode(image.read(k, threads=threads))
+        values = image.read_values(k, threads=threads)
         item = {
             "image": values if factor is None else factor.apply(values),
             "affine": np.asarray(info.level_affine(k), dtype=np.float64),
