@@ -20,6 +20,7 @@ loop, decoding on the pool as the bytes arrive.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import math
@@ -50,6 +51,7 @@ from .format import (
 )
 from .reads import Reader, default_threads, pool, read_small_array, remote, run, scratch
 from .storage import no_group, open_source_store
+from .values import ValueMapping
 from .store import MultiscaleStore
 
 __all__ = ["ChecksumError", "OpenedImage", "default_threads", "open_direct"]
@@ -189,12 +191,18 @@ class OpenedImage:
         values = self.info.values
         if region is not None and _whole_level(region, self.info.level_shape(k)):
             region = None
-        if values.kind != "quantized" and np.dtype(values.dtype) == values.stored_dtype:
-            return _LevelRead(self, k, region, verify).run(threads)  # already the values
+        if _stored_are_values(values):
+            return _LevelRead(self, k, region, verify).run(threads)
         # the stored samples are an intermediate: read them into this thread's buffer
         stored = _LevelRead(self, k, region, verify, reuse=True).run(threads)
         result = values.decode(stored)
         return result.copy() if np.may_share_memory(result, stored) else result
+
+
+@functools.lru_cache(maxsize=256)
+def _stored_are_values(values: ValueMapping) -> bool:
+    """The stored samples are already the caller's values (no decoding step)."""
+    return values.kind != "quantized" and np.dtype(values.dtype) == np.dtype(values.stored_dtype)
 
 
 def _whole_level(region: Sequence[slice], shape: Sequence[int]) -> bool:
@@ -258,15 +266,18 @@ def image_info(attrs: Mapping[str, Any] | None, where: str, allow_incomplete: bo
 
 def _locate(source: Any, storage_options: Mapping[str, Any] | None) -> tuple[Reader, str]:
 
+    if type(source) is str and ("://" not in source or source.startswith("file://")):
+        return Reader.local(source.removeprefix("file://")), source  # the common cases first
+    if isinstance(source, os.PathLike):
+        return Reader.local(os.fspath(source)), str(source)
     if isinstance(source, MultiscaleStore):
         return Reader(source.physical, "", source.prefix_cache), repr(source)
     if isinstance(source, zarr.Group):
         source = source.store_path
     if isinstance(source, StorePath):
         return Reader(source.store, source.path), str(source)
-    if isinstance(source, os.PathLike) or (isinstance(source, str) and (
-            "://" not in source or source.startswith("file://"))):
-        return Reader.local(os.fspath(source).removeprefix("file://")), str(source)
+    if isinstance(source, str) and ("://" not in source or source.startswith("file://")):
+        return Reader.local(source.removeprefix("file://")), str(source)  # a str subclass
     return Reader(open_source_store(source, storage_options), ""), str(source)
 
 

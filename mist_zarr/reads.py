@@ -113,7 +113,7 @@ class Reader:
     def __init__(self, store: Store | None, prefix: str, cache: PrefixCache | None = None,
                  *, root: str | None = None) -> None:
         self._store = store
-        self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+        self.prefix = f"{prefix.strip('/')}/" if prefix and prefix.strip("/") else ""
         if root is None and type(store).__name__ == "LocalStore" and store.root:
             root = os.fspath(store.root)
         # a local folder: a plain pread costs a fifth of get_sync (no Buffer, pathlib, file)
