@@ -155,10 +155,11 @@ class MistDataset:
         k = choose_level(info, scale=self.scale, size=self.size, below=self.below, clamp=True)
         threads = self.threads or (None if os.getpid() == self._maker else 1)
         values = image.read_values(k, threads=threads)
+        affine, spacing = _geometry(image, k)
         item = {
             "image": values if factor is None else factor.apply(values),
-            "affine": np.asarray(info.level_affine(k), dtype=np.float64),
-            "spacing": np.asarray(info.level_spacing(k), dtype=np.float64),
+            "affine": affine,
+            "spacing": spacing,
             "path": row["path"],
             "level": k,
             "meta": {**{key: row.get(key, "") for key in _META}, "dims": "".join(info.dims)},
@@ -262,6 +263,18 @@ class MistDataset:
             while len(self._images) > _OPEN_IMAGES:
                 self._images.popitem(last=False)
         return image, factor
+
+
+def _geometry(image: OpenedImage, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Level ``k``'s affine and spacing (float64 arrays of the item's own), computed once
+    per image write."""
+    derived = image._parsed.derived if image._parsed is not None else {}
+    kept = derived.get(("geometry", k))
+    if kept is None:
+        info = image.info
+        kept = derived[("geometry", k)] = (np.asarray(info.level_affine(k), np.float64),
+                                           np.asarray(info.level_spacing(k), np.float64))
+    return kept[0].copy(), kept[1].copy()
 
 
 def _catalog_info(row: Mapping[str, Any]) -> Any:
