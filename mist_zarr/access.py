@@ -15,7 +15,7 @@ from xarray.backends import BackendArray
 from xarray.core import indexing
 from xarray.core.indexes import PandasIndex
 
-from .direct import OpenedImage, open_direct
+from .direct import OpenedImage, derived, open_direct
 from .format import IMAGE, ImageInfo, slice_offsets
 from .labels import LABELS, LabelInfo, is_label_group, open_labels
 from .storage import open_source_store
@@ -156,12 +156,11 @@ def _level_view(image: OpenedImage, k: int) -> tuple[dict[str, xr.Variable],
     index data is immutable), attrs' containers copied, so that changing one opened
     array never changes another.
     """
-    derived = image._parsed.derived if image._parsed is not None else {}
-    kept = derived.get(("level_view", k))
-    if kept is None:
-        coords, indexes = _coords(image.info, k)
-        kept = derived[("level_view", k)] = (coords, indexes, _attrs(image.info, k, None))
-    coords, indexes, attrs = kept
+    coords, indexes, attrs = derived(
+        image, ("level view", k),
+        lambda: (*_coords(image.info, k), _attrs(image.info, k, None)),
+        # the coordinate values, their pandas indexes, and the documents in attrs
+        lambda view: 3 * sum(v.values.nbytes for v in view[0].values()) + 4096)
     attrs = {key: (value.copy() if isinstance(value, (dict, list, np.ndarray)) else value)
              for key, value in attrs.items()}
     return {d: v.copy(deep=False) for d, v in coords.items()}, dict(indexes), attrs

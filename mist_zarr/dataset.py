@@ -24,7 +24,7 @@ import numpy as np
 
 from .access import choose_level, level_edges
 from .catalog import COLUMNS, catalog
-from .direct import open_direct
+from .direct import derived, open_direct
 from .labels import find_label_maps, open_labels, read_label_level
 from .layout import level_shape
 from .modality import find_rescale
@@ -268,13 +268,13 @@ class MistDataset:
 def _geometry(image: OpenedImage, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Level ``k``'s affine and spacing (float64 arrays of the item's own), computed once
     per image write."""
-    derived = image._parsed.derived if image._parsed is not None else {}
-    kept = derived.get(("geometry", k))
-    if kept is None:
-        info = image.info
-        kept = derived[("geometry", k)] = (np.asarray(info.level_affine(k), np.float64),
-                                           np.asarray(info.level_spacing(k), np.float64))
-    return kept[0].copy(), kept[1].copy()
+    info = image.info
+    affine, spacing = derived(
+        image, ("geometry", k),
+        lambda: (np.asarray(info.level_affine(k), np.float64),
+                 np.asarray(info.level_spacing(k), np.float64)),
+        lambda kept: kept[0].nbytes + kept[1].nbytes + 256)
+    return affine.copy(), spacing.copy()
 
 
 def _catalog_info(row: Mapping[str, Any]) -> Any:

@@ -32,7 +32,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +59,7 @@ from .storage import no_group, open_source_store
 from .values import ValueMapping
 from .store import MultiscaleStore
 
-__all__ = ["ChecksumError", "OpenedImage", "default_threads", "open_direct"]
+__all__ = ["ChecksumError", "OpenedImage", "default_threads", "derived", "open_direct"]
 
 _pool = pool  # the name batch and the benchmarks know
 
@@ -78,9 +78,9 @@ class _Parsed:
     size: int
     crcs: np.ndarray | None = None
     plans: dict[int, "_Plan"] = field(default_factory=dict)
-    # what readers above derive from this write once (immutable values only: the
-    # coordinate indexes of each level, see mist_zarr.access)
+    # what readers above derive from this write once (see derived())
     derived: dict[Any, Any] = field(default_factory=dict)
+    key: tuple[Any, ...] | None = None  # its key in _PARSED
 
 
 # Keyed on (where the image is, SHA-256 of its zarr.json): every write records a fresh
@@ -111,6 +111,28 @@ def _keep_parsed(key: tuple[Any, ...], entry: _Parsed) -> None:
         _PARSED[key] = entry
         while _PARSED and (len(_PARSED) > _PARSED_MAX or _parsed_bytes > _PARSED_BYTES):
             _parsed_bytes -= _PARSED.popitem(last=False)[1].size
+
+
+def derived(image: OpenedImage, name: Any, make: Callable[[], Any],
+            nbytes: Callable[[Any], int]) -> Any:
+    """``make()``, made once per image write and kept with what its opens share (counted,
+    by ``nbytes``, in the bound of that cache). Callers must not change what it returns."""
+    global _parsed_bytes
+    entry = image._parsed
+    if entry is None:  # an image write that is not shared (incomplete, no write id)
+        return make()
+    value = entry.derived.get(name)
+    if value is None:
+        value = make()
+        with _PARSED_LOCK:
+            if name not in entry.derived:
+                entry.derived[name] = value
+                size = nbytes(value)
+                entry.size += size
+                if entry.key is not None and _PARSED.get(entry.key) is entry:
+                    _parsed_bytes += size  # still held (an evicted entry is no longer counted)
+            value = entry.derived[name]
+    return value
 
 
 def _forget_parsed() -> None:
@@ -284,7 +306,7 @@ def open_direct(source: Any, *, storage_options: Mapping[str, Any] | None = None
     entry = None
     if key is not None and info.complete and info.write_id:  # only a finished, identified write
         index.flags.writeable = False  # shared by every open of this write
-        entry = _Parsed(info, index, len(docs[0]) + 2 * index.nbytes)
+        entry = _Parsed(info, index, len(docs[0]) + 2 * index.nbytes, key=key)
         _keep_parsed(key, entry)
     return OpenedImage(where, info, index, reader, _parsed=entry)
 

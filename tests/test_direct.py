@@ -286,6 +286,7 @@ def test_the_parse_cache_is_bounded(tmp_path, monkeypatch):
         np.testing.assert_array_equal(values, i)
         assert len(direct._PARSED) <= 2
     monkeypatch.setattr(direct, "_PARSED_BYTES", 0)  # nothing fits: nothing is kept
+    direct._forget_parsed()  # (paths[0] may still be held: the threads finish in any order)
     open_direct(paths[0])
     assert not direct._PARSED
 
@@ -356,3 +357,20 @@ def test_to_dask_names_its_graph_by_its_inputs(tmp_path):
     assert to_dask(paths, scale=1).name != to_dask(paths, scale=2).name
     np.testing.assert_array_equal(to_dask(paths[::-1], scale=1, per_block=2).compute()[:, 0, 0],
                                   [2, 1, 0])
+
+
+def test_what_opens_derive_is_counted_in_the_parse_cache_bound(tmp_path):
+    """open() keeps each level's coordinates with the parsed write: they count toward the
+    cache's byte bound, so that the bound holds for many images opened at many levels."""
+    import mist_zarr.direct as direct
+
+    p = tmp_path / "p.zarr"
+    mist_zarr.write_image(p, np.full((3, 512, 512), 5, np.int16))
+    entry = open_direct(p)._parsed
+    size, held = entry.size, direct._parsed_bytes
+    coords = mist_zarr.open(p, scale=1).coords
+    grown = entry.size - size
+    assert grown >= sum(coords[d].values.nbytes for d in ("z", "y", "x"))
+    assert direct._parsed_bytes - held == grown
+    mist_zarr.open(p, scale=1)  # made once per write
+    assert entry.size - size == grown
