@@ -56,8 +56,8 @@ from .format import (
 )
 from .reads import Reader, default_threads, pool, read_small_array, remote, run, scratch
 from .storage import no_group, open_source_store
-from .values import ValueMapping
 from .store import MultiscaleStore
+from .values import ValueMapping
 
 __all__ = ["ChecksumError", "OpenedImage", "default_threads", "derived", "open_direct"]
 
@@ -536,7 +536,7 @@ class _LevelRead:
     def _place(self, i: int, data: bytes | memoryview | None) -> None:
         """Decode chunk ``i`` of the plan into its place in ``out`` (checksum first at level 0)."""
         coords = self.plan.coords[i]
-        src, dst, whole = self.plan.places[i]
+        src, dst, _ = self.plan.places[i]
         target = self.out[dst]
         if data is None:  # not written: fill value 0
             zero = np.zeros(self.info.chunks, self.info.stored_dtype)
