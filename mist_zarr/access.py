@@ -15,7 +15,7 @@ from xarray.backends import BackendArray
 from xarray.core import indexing
 from xarray.core.indexes import PandasIndex
 
-from .direct import OpenedImage, open_direct
+from .direct import OpenedImage, derived, open_direct
 from .format import IMAGE, ImageInfo, slice_offsets
 from .labels import LABELS, LabelInfo, is_label_group, open_labels
 from .storage import open_source_store
@@ -140,12 +140,30 @@ def open(
     factor = _rescale(image) if rescale else None
     array = LevelArray(image, k, factor, threads)
     variable = xr.Variable(info.dims, indexing.LazilyIndexedArray(array))
-    coords, indexes = _coords(info, k)
+    coords, indexes, attrs = _level_view(image, k)
     # fastpath: the coordinates are built complete here; xarray's checks would cost
     # four times the rest of the open
-    image = xr.DataArray(variable, coords=coords, name=IMAGE, indexes=indexes, fastpath=True)
-    image.attrs = _attrs(info, k, factor)
-    return image
+    out = xr.DataArray(variable, coords=coords, name=IMAGE, indexes=indexes, fastpath=True)
+    out.attrs = attrs if factor is None else attrs | {"rescale": factor.to_json()}
+    return out
+
+
+def _level_view(image: OpenedImage, k: int) -> tuple[dict[str, xr.Variable],
+                                                     dict[str, PandasIndex], dict[str, Any]]:
+    """Coordinates, indexes and attrs of level ``k``, built once per image write.
+
+    The open's own copies: coordinate variables shallow-copied (their own attrs; the
+    index data is immutable), attrs' containers copied, so that changing one opened
+    array never changes another.
+    """
+    coords, indexes, attrs = derived(
+        image, ("level view", k),
+        lambda: (*_coords(image.info, k), _attrs(image.info, k, None)),
+        # the coordinate values, their pandas indexes, and the documents in attrs
+        lambda view: 3 * sum(v.values.nbytes for v in view[0].values()) + 4096)
+    attrs = {key: (value.copy() if isinstance(value, (dict, list, np.ndarray)) else value)
+             for key, value in attrs.items()}
+    return {d: v.copy(deep=False) for d, v in coords.items()}, dict(indexes), attrs
 
 
 def _label_group(source: Any, storage_options: Mapping[str, Any] | None
@@ -269,8 +287,7 @@ class LevelArray(BackendArray):
                 region.append(slice(i, i + 1))
                 squeeze.append(0)
         info = self.image.info
-        values = info.values.decode(self.image.read(self.k, region=region,
-                                                    threads=self.threads))
+        values = self.image.read_values(self.k, region=region, threads=self.threads)
         if self.factor is not None:
             values = self.factor.apply(values, region[:info.dims.index("y")])
         return values[tuple(squeeze)]

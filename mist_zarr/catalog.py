@@ -15,19 +15,17 @@ The file is a cache, not a source of truth. It is *current* when it exists
 and its schema version is this library's: nothing else is compared (a
 staleness check would have to walk the dataset, which is what the file
 saves). :func:`mist_zarr.convert` keeps it up to date with
-:func:`update_catalog`; ``catalog(..., refresh=True)`` rebuilds it.
+:func:`update_catalog_table`; ``catalog(..., refresh=True)`` rebuilds it.
 
-See ``docs/datasets.md`` for the schema.
+The files' schema and encoding (and ``failures.csv``'s) are
+:mod:`mist_zarr.tables`; see ``docs/datasets.md`` for the schema.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 import os
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,13 +43,27 @@ from .storage import (
     replace_bytes,
     resolve,
 )
+from .tables import (
+    CATALOG,
+    CATALOG_VERSION,
+    COLUMNS,
+    FAILURE_COLUMNS,
+    FAILURES,
+    Table,
+    arrange,
+    decode_catalog,
+    decode_failures,
+    encode_catalog,
+    encode_failures,
+    encode_table,
+    merge_failures,
+)
 
-# pandas and pyarrow are imported in the functions that use them: together they
-# add ~1.3 s to `import mist_zarr` (measured with `python -X importtime`), which
-# convert, verify and serve would pay without ever touching a catalog.
+# pandas is imported in the functions that return DataFrames (about 0.5 s):
+# convert's catalog update and `mist-zarr ls` go through the Table functions
+# (catalog_table, update_catalog_table, update_failures_table) and never load it.
 if TYPE_CHECKING:
     import pandas as pd
-    import pyarrow as pa
 
 __all__ = [
     "CATALOG",
@@ -61,17 +73,17 @@ __all__ = [
     "FAILURES",
     "FAILURE_COLUMNS",
     "catalog",
+    "catalog_table",
     "read_catalog",
     "read_failures",
+    "read_failures_table",
     "update_failures",
+    "update_failures_table",
     "update_catalog",
+    "update_catalog_table",
     "write_catalog",
 ]
 
-CATALOG = "catalog.parquet"
-FAILURES = "failures.csv"  # sources that were refused or failed, next to the catalog
-CATALOG_VERSION = 2  # 2: the warnings column
-_META_KEY = b"mist_catalog"
 _CONCURRENCY = 32  # requests in flight while building
 
 # DICOM attributes copied into the catalog (DICOM JSON model tags).
@@ -83,43 +95,6 @@ _DICOM = {
     "body_part": "00180015",  # BodyPartExamined
     "series_description": "0008103E",  # SeriesDescription
 }
-
-# column -> (pyarrow type name, meaning); the order is the column order
-COLUMNS: dict[str, tuple[str, str]] = {
-    "path": ("string", "image group path under the dataset root ('/' separated)"),
-    "series_uid": ("string", "DICOM SeriesInstanceUID (0020000E); '' if not DICOM"),
-    "study_uid": ("string", "DICOM StudyInstanceUID (0020000D)"),
-    "patient_id": ("string", "DICOM PatientID (00100020)"),
-    "modality": ("string", "DICOM Modality (00080060), e.g. CT, MR, CR"),
-    "body_part": ("string", "DICOM BodyPartExamined (00180015)"),
-    "series_description": ("string", "DICOM SeriesDescription (0008103E)"),
-    "source_format": ("string", "dicom, nifti, png, jpeg, tiff or array"),
-    "dims": ("list<string>", "dimension names in array order, e.g. [z, y, x]"),
-    "shape": ("list<int64>", "level-0 shape, following dims"),
-    "dtype": ("string", "dtype the samples are read back in (numpy name)"),
-    "spacing": ("list<double>", "level-0 spacing following dims (mm; s for t; 1 for c)"),
-    "levels": ("int64", "number of reduced levels n: levels 0..n can be read"),
-    "bytes_per_level": ("list<int64>",
-                        "stored bytes read for level k = sum of index[..., k], k = 0..n"),
-    "bytes": ("int64", "stored bytes of level 0 (the whole image)"),
-    "n_chunks": ("int64", "chunks stored (chunks entirely 0 are not stored)"),
-    "checksums_present": ("bool", "the image has its CRC32C checksum array"),
-    "complete": ("bool", "the write finished; incomplete images cannot be read"),
-    "lossy_source": ("bool", "the source itself was lossy-compressed (DICOM flag)"),
-    "warnings": ("list<string>", "what the conversion warned about this image (printed by "
-                                 "convert, shown by info and ls --warnings)"),
-}
-_LIST_COLUMNS = [c for c, (t, _) in COLUMNS.items() if t.startswith("list")]
-
-
-def _arrow_type(name: str) -> pa.DataType:
-    import pyarrow as pa
-
-    if name.startswith("list<"):
-        return pa.list_(_arrow_type(name[5:-1]))
-    return {"string": pa.string(), "int64": pa.int64(), "double": pa.float64(),
-            "bool": pa.bool_()}[name]
-
 
 # -- one image -> one row ------------------------------------------------------
 def _dicom_text(dicom: Mapping[str, Any], tag: str) -> str:
@@ -236,26 +211,14 @@ async def _walk(store: Any, prefix: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _frame(rows: Iterable[Mapping[str, Any]], columns: list[str] | None = None
-           ) -> pd.DataFrame:
+def _frame(table: Table) -> pd.DataFrame:
     import pandas as pd
 
-    rows = sorted(rows, key=lambda r: r["path"])
-    if columns is None:
-        columns = list(dict.fromkeys([*COLUMNS, *(c for r in rows for c in r)]))
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(table.rows, columns=table.columns)
 
 
-# -- public API -------------------------------------------------------------------
-def build_catalog(dataset: Any, *, storage_options: Mapping[str, Any] | None = None
-                  ) -> pd.DataFrame:
-    """Scan the dataset root and return its catalog (one row per image, sorted by path).
-
-    ``dataset`` is a path, URL (fsspec: ``s3://`` ``memory://`` ...), zarr store
-    or group. The store must support listing: a dataset served over plain
-    HTTP cannot be scanned; read its ``catalog.parquet`` with :func:`catalog`.
-    Incomplete images are listed with ``complete`` False and no bytes.
-    """
+def _rows(dataset: Any, storage_options: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The row of every image under the dataset root (see :func:`build_catalog`)."""
     store, prefix = resolve(dataset, storage_options)
     if sync(get_json_async(store, join_key(prefix, "zarr.json"), strict=False)) is None:
         raise FileNotFoundError(f"{dataset}: no zarr.json: not a dataset root or image group")
@@ -269,51 +232,39 @@ def build_catalog(dataset: Any, *, storage_options: Mapping[str, Any] | None = N
         row = sync(_image_row(store, prefix, ""))
         if row is not None:
             rows = [row]
-    return _frame(rows)
+    return rows
 
 
-def _table(df: pd.DataFrame) -> pa.Table:
-    import pyarrow as pa
+# -- public API -------------------------------------------------------------------
+def build_catalog(dataset: Any, *, storage_options: Mapping[str, Any] | None = None
+                  ) -> pd.DataFrame:
+    """Scan the dataset root and return its catalog (one row per image, sorted by path).
 
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"catalog frame lacks the columns {missing}")
-    arrays, fields = [], []
-    for name in df.columns:
-        values = df[name].tolist()
-        if name in COLUMNS:
-            typ = _arrow_type(COLUMNS[name][0])
-            if name in _LIST_COLUMNS:
-                values = [None if v is None else list(v) for v in values]
-            array = pa.array(values, type=typ)
-        else:  # a user's column: pandas' missing values (NaN, None, NA) become nulls
-            array = pa.Array.from_pandas(df[name])
-        arrays.append(array)
-        fields.append(pa.field(name, array.type))
-    meta = {_META_KEY: json.dumps({
-        "version": CATALOG_VERSION, "images": len(df),
-        "written": datetime.now(UTC).isoformat(timespec="seconds"),
-    }).encode()}
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=meta))
+    ``dataset`` is a path, URL (fsspec: ``s3://`` ``memory://`` ...), zarr store
+    or group. The store must support listing: a dataset served over plain
+    HTTP cannot be scanned; read its ``catalog.parquet`` with :func:`catalog`.
+    Incomplete images are listed with ``complete`` False and no bytes.
+    """
+    return _frame(arrange(_rows(dataset, storage_options)))
 
 
 def write_catalog(dataset: Any, df: pd.DataFrame | None = None, *,
                   storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Write ``df`` (default: :func:`build_catalog`) as ``catalog.parquet`` at the root.
 
-    Atomic: on a local disk the file is written under a temporary name in the
-    same folder and renamed over the old one; on an object store it is one
+    Atomic: on a local disk the file is written under a temporary name in the same
+    folder and renamed over the old one; on an object store it is one
     ``set`` (PUT), which replaces the object whole. Columns beyond the schema
     are kept, with types inferred by pyarrow. Returns the frame written.
     """
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
     if df is None:
         df = build_catalog(dataset, storage_options=storage_options)
-    table = _table(df)
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    _put(dataset, storage_options, CATALOG, sink.getvalue())
+    # a user's column goes through pyarrow's pandas conversion (NaN, None, NA -> null)
+    columns = {name: df[name].tolist() if name in COLUMNS else pa.Array.from_pandas(df[name])
+               for name in df.columns}
+    _put(dataset, storage_options, CATALOG, encode_catalog(columns))
     return df
 
 
@@ -328,6 +279,11 @@ def _get(dataset: Any, storage_options: Mapping[str, Any] | None, name: str) -> 
     return get_bytes(store, join_key(prefix, name))
 
 
+def _stored(dataset: Any, storage_options: Mapping[str, Any] | None) -> Table | None:
+    data = _get(dataset, storage_options, CATALOG)
+    return None if data is None else decode_catalog(data)
+
+
 def read_catalog(dataset: Any, *, storage_options: Mapping[str, Any] | None = None
                  ) -> pd.DataFrame | None:
     """The stored ``catalog.parquet`` as a frame, or None when absent or of another version.
@@ -335,18 +291,27 @@ def read_catalog(dataset: Any, *, storage_options: Mapping[str, Any] | None = No
     List columns come back as Python lists, so the frame equals the one
     :func:`build_catalog` returns for the same dataset.
     """
-    import pyarrow.parquet as pq
+    table = _stored(dataset, storage_options)
+    return None if table is None else _frame(table)
 
-    data = _get(dataset, storage_options, CATALOG)
-    if data is None:
-        return None
-    table = pq.read_table(io.BytesIO(data))
-    meta = json.loads((table.schema.metadata or {}).get(_META_KEY, b"{}"))
-    if meta.get("version") != CATALOG_VERSION:
-        return None
-    import pandas as pd
 
-    return pd.DataFrame(table.to_pylist(), columns=table.column_names)
+def catalog_table(dataset: Any, *, refresh: bool = False, write: bool | None = None,
+                  storage_options: Mapping[str, Any] | None = None) -> Table:
+    """:func:`catalog` as a :class:`~mist_zarr.tables.Table` of row dicts (no pandas)."""
+    if not refresh:
+        table = _stored(dataset, storage_options)
+        if table is not None:
+            return table
+    table = arrange(_rows(dataset, storage_options))
+    store, prefix = resolve(dataset, storage_options)
+    local = local_dir(store, prefix)
+    if write or (write is None and local is not None and os.access(local, os.W_OK)):
+        try:
+            _put(dataset, storage_options, CATALOG, encode_table(table))
+        except OSError:
+            if write:
+                raise
+    return table
 
 
 def catalog(dataset: Any, *, refresh: bool = False, write: bool | None = None,
@@ -359,20 +324,40 @@ def catalog(dataset: Any, *, refresh: bool = False, write: bool | None = None,
     is true, or by default (``None``) when the dataset is a local folder
     that can be written (errors writing it are ignored).
     """
-    if not refresh:
-        df = read_catalog(dataset, storage_options=storage_options)
-        if df is not None:
-            return df
-    df = build_catalog(dataset, storage_options=storage_options)
-    store, prefix = resolve(dataset, storage_options)
-    local = local_dir(store, prefix)
-    if write or (write is None and local is not None and os.access(local, os.W_OK)):
-        try:
-            write_catalog(dataset, df, storage_options=storage_options)
-        except OSError:
-            if write:
-                raise
-    return df
+    return _frame(catalog_table(dataset, refresh=refresh, write=write,
+                                storage_options=storage_options))
+
+
+def update_catalog_table(dataset: Any, paths: Iterable[str], *,
+                         storage_options: Mapping[str, Any] | None = None) -> Table:
+    """:func:`update_catalog` without pandas: returns the table written."""
+    paths = list(dict.fromkeys(str(p).strip("/") for p in paths))
+    old = _stored(dataset, storage_options)
+    if old is not None and not paths:
+        return old
+    if old is None:
+        table = arrange(_rows(dataset, storage_options))
+    else:
+        store, prefix = resolve(dataset, storage_options)
+
+        async def rows() -> list[dict[str, Any] | None]:
+            limit = asyncio.Semaphore(_CONCURRENCY)
+
+            async def one(path: str) -> dict[str, Any] | None:
+                async with limit:
+                    return await _image_row(store, prefix, path)
+
+            return await asyncio.gather(*(one(p) for p in paths))
+
+        new = {r["path"]: r for r in sync(rows()) if r is not None}
+        replaced = set(paths)
+        kept = [r for r in old.rows if r["path"] not in replaced]
+        # columns a user added to the stored catalog stay (empty in the new rows)
+        columns = list(dict.fromkeys([*COLUMNS, *old.columns]))
+        merged = kept + [{**{c: None for c in columns}, **r} for r in new.values()]
+        table = arrange(merged, columns, old.types)
+    _put(dataset, storage_options, CATALOG, encode_table(table))
+    return table
 
 
 def update_catalog(dataset: Any, paths: Iterable[str], *,
@@ -385,55 +370,37 @@ def update_catalog(dataset: Any, paths: Iterable[str], *,
     updates of one dataset are last-writer-wins: the file is never torn, but
     a row may be missing until the next update or ``catalog(refresh=True)``.
     """
-    paths = list(dict.fromkeys(str(p).strip("/") for p in paths))
-    old = read_catalog(dataset, storage_options=storage_options)
-    if old is not None and not paths:
-        return old
-    if old is None:
-        return write_catalog(dataset, build_catalog(dataset, storage_options=storage_options),
-                             storage_options=storage_options)
-    store, prefix = resolve(dataset, storage_options)
-
-    async def rows() -> list[dict[str, Any] | None]:
-        limit = asyncio.Semaphore(_CONCURRENCY)
-
-        async def one(path: str) -> dict[str, Any] | None:
-            async with limit:
-                return await _image_row(store, prefix, path)
-
-        return await asyncio.gather(*(one(p) for p in paths))
-
-    new = {r["path"]: r for r in sync(rows()) if r is not None}
-    kept = [r for r in old.to_dict("records") if r["path"] not in set(paths)]
-    # columns a user added to the stored catalog stay (empty in the new rows)
-    columns = list(dict.fromkeys([*COLUMNS, *old.columns]))
-    merged = kept + [{**{c: None for c in columns}, **r} for r in new.values()]
-    return write_catalog(dataset, _frame(merged, columns), storage_options=storage_options)
-
-
-# failures.csv: one row per source (file or DICOM series) that was not converted
-FAILURE_COLUMNS: dict[str, str] = {
-    "key": "identity of the source: a file path, or the DICOM series key (UID + stack)",
-    "source": "the source as a person reads it: file, or 'key (n files, e.g. first file)'",
-    "kind": "failed (a refused or broken source: an error) or skipped (not an image)",
-    "reason": "why, naming the file or series",
-    "run": "id of the conversion run that first reported it (for this reason)",
-    "time": "when that run ended (UTC, ISO 8601)",
-}
+    return _frame(update_catalog_table(dataset, paths, storage_options=storage_options))
 
 
 def read_failures(dataset: Any, *, storage_options: Mapping[str, Any] | None = None
                   ) -> pd.DataFrame:
     """The dataset's ``failures.csv`` as a frame (no rows when there is none)."""
-    return _failures_frame(_get(dataset, storage_options, FAILURES))
+    return _failures_frame(read_failures_table(dataset, storage_options=storage_options))
 
 
-def _failures_frame(data: bytes | None) -> pd.DataFrame:
+def read_failures_table(dataset: Any, *, storage_options: Mapping[str, Any] | None = None
+                        ) -> Table:
+    """:func:`read_failures` as a :class:`~mist_zarr.tables.Table` (no pandas)."""
+    return decode_failures(_get(dataset, storage_options, FAILURES))
+
+
+def _failures_frame(table: Table) -> pd.DataFrame:
     import pandas as pd
 
-    if data is None:
-        return pd.DataFrame({c: pd.Series(dtype=str) for c in FAILURE_COLUMNS})
-    return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    # string columns, as read_csv(dtype=str) gives them, also with no rows
+    return pd.DataFrame({c: pd.Series(table.column(c), dtype=str) for c in table.columns})
+
+
+def update_failures_table(dataset: Any, rows: Iterable[Mapping[str, Any]], seen: Iterable[str],
+                          *, storage_options: Mapping[str, Any] | None = None) -> Table:
+    """:func:`update_failures` without pandas: returns the table."""
+    before = _get(dataset, storage_options, FAILURES)
+    table = merge_failures(decode_failures(before), rows, seen)
+    data = encode_failures(table)
+    if data != before:  # an unchanged report is not rewritten (a rerun writes nothing)
+        _put(dataset, storage_options, FAILURES, data)
+    return table
 
 
 def update_failures(dataset: Any, rows: Iterable[Mapping[str, Any]], seen: Iterable[str], *,
@@ -448,20 +415,5 @@ def update_failures(dataset: Any, rows: Iterable[Mapping[str, Any]], seen: Itera
     content changes, and exists even when empty: its header alone says the
     runs found nothing to report.
     """
-    import pandas as pd
-
-    before = _get(dataset, storage_options, FAILURES)
-    old = _failures_frame(before)
-    rows = [{c: str(r.get(c, "")) for c in FAILURE_COLUMNS} for r in rows]
-    # a source refused again for the same reason keeps the run that first reported it
-    same = ["key", "source", "kind", "reason"]
-    first = {tuple(r[c] for c in same): r for r in old.to_dict("records")}
-    rows = [first.get(tuple(r[c] for c in same), r) for r in rows]
-    drop = set(seen) | {r["key"] for r in rows}
-    kept = old[~old["key"].isin(drop)] if len(old) else old
-    df = pd.concat([kept, pd.DataFrame(rows, columns=list(FAILURE_COLUMNS))], ignore_index=True)
-    df = df.sort_values(["kind", "key"], kind="stable", ignore_index=True)
-    data = df.to_csv(index=False).encode()
-    if data != before:  # an unchanged report is not rewritten (a rerun writes nothing)
-        _put(dataset, storage_options, FAILURES, data)
-    return df
+    return _failures_frame(update_failures_table(dataset, rows, seen,
+                                                 storage_options=storage_options))

@@ -63,19 +63,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    import mist_zarr
+    from mist_zarr.format import allowed_exports
+    from mist_zarr.localread import read_local_image
 
-    group, info = mist_zarr.open_image(args.store)
+    found = read_local_image(args.store)  # a local image, read without zarr (start-up)
+    if found is None:  # a URL or store; or an error, which zarr's path names
+        import mist_zarr
+
+        group, info = mist_zarr.open_image(args.store)
+        index = mist_zarr.read_index(group)
+    else:
+        info, index = found
     print(f"{args.store}")
     print(f"  source format : {info.source_format}")
     print(f"  dims, shape   : {info.dims} {info.shape}")
     print(f"  dtype         : {info.dtype} (stored as {info.stored_dtype}, {info.values.kind})")
     print(f"  spacing       : {info.spacing}")
     print(f"  chunks        : {info.chunks} ({math.prod(info.grid)} chunks)")
-    from mist_zarr.export import allowed_exports
-
     print(f"  exports to    : {', '.join(allowed_exports(info.source_format))}")
-    for row in _level_table(info, mist_zarr.read_index(group)):
+    for row in _level_table(info, index):
         print("  " + row)
     warnings = info.metadata.get("warnings", []) if isinstance(info.metadata, dict) else []
     print(f"  warnings      : {len(warnings) or 'none'}")
@@ -85,7 +91,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from mist_zarr.convert import convert, dumps
+    from mist_zarr.convert import convert
+    from mist_zarr.tables import dumps
 
     report = convert(args.src, args.dest, overwrite=args.overwrite,
                      skip_existing=args.skip_existing, alpha=args.alpha, quantize=args.quantize,
@@ -112,7 +119,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from mist_zarr.convert import dumps
+    from mist_zarr.tables import dumps
     from mist_zarr.verify import verify
 
     report = verify(args.path, levels=args.levels, source=args.source, workers=args.workers)
@@ -121,44 +128,60 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_catalog(args: argparse.Namespace) -> int:
-    from mist_zarr.catalog import CATALOG, build_catalog, write_catalog
+    from mist_zarr.catalog import catalog_table
+    from mist_zarr.tables import CATALOG
 
-    df = build_catalog(args.dest)
-    write_catalog(args.dest, df)
-    print(f"{len(df)} image(s), {int(df['bytes'].sum()):,} bytes -> {args.dest}/{CATALOG}")
+    table = catalog_table(args.dest, refresh=True, write=True)
+    print(f"{len(table.rows)} image(s), {sum(table.column('bytes')):,} bytes -> "
+          f"{args.dest}/{CATALOG}")
     return 0
 
 
-def _cmd_ls(args: argparse.Namespace) -> int:
-    from mist_zarr.catalog import catalog, read_failures
-    from mist_zarr.convert import dumps
+def _ls_table(args: argparse.Namespace):
+    """The table ``ls`` prints: read straight from a local dataset's files when it can
+    (no zarr, no pandas: start-up), else through the catalog module."""
+    from mist_zarr.tables import local_catalog, local_failures
 
     if args.failures:
-        df = read_failures(args.dest)
-    elif args.warnings:
-        df = catalog(args.dest, refresh=args.refresh)
-        rows = [(r["path"], w) for r in df.to_dict("records") for w in (r.get("warnings") or [])]
+        table = local_failures(args.dest)
+        if table is None:
+            from mist_zarr.catalog import read_failures_table
+
+            table = read_failures_table(args.dest)
+        return table
+    table = None if args.refresh else local_catalog(args.dest)
+    if table is None:  # a URL, no (current) catalog.parquet yet, or --refresh
+        from mist_zarr.catalog import catalog_table
+
+        table = catalog_table(args.dest, refresh=args.refresh)
+    return table
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from mist_zarr.tables import Table, dumps
+
+    table = _ls_table(args)
+    if args.warnings and not args.failures:
+        rows = [(r["path"], w) for r in table.rows for w in (r.get("warnings") or [])]
         if args.json:
             print(dumps([{"path": p, "warning": w} for p, w in rows]))
         else:
             print("\n".join(f"{p}: {w}" for p, w in rows) if rows
                   else f"{args.dest}: no image has warnings")
         return 0
-    else:
-        df = catalog(args.dest, refresh=args.refresh)
-        if args.columns:
-            wanted = [c.strip() for c in args.columns.split(",") if c.strip()]
-            unknown = [c for c in wanted if c not in df.columns]
-            if unknown:
-                raise SystemExit(f"mist-zarr ls: unknown column(s) {unknown}; the catalog has "
-                                 f"{list(df.columns)}")
-            df = df[wanted]
+    if args.columns and not args.failures:
+        wanted = [c.strip() for c in args.columns.split(",") if c.strip()]
+        unknown = [c for c in wanted if c not in table.columns]
+        if unknown:
+            raise SystemExit(f"mist-zarr ls: unknown column(s) {unknown}; the catalog has "
+                             f"{table.columns}")
+        table = Table(wanted, table.rows)
     if args.json:
-        print(dumps(df.to_dict("records")))
-    elif not len(df):
+        print(dumps([{c: r.get(c) for c in table.columns} for r in table.rows]))
+    elif not table.rows:
         print("no failures recorded" if args.failures else f"{args.dest}: no images")
     else:
-        print(_catalog_table(df, all_columns=bool(args.columns) or args.failures))
+        print(_catalog_table(table, all_columns=bool(args.columns) or args.failures))
     return 0
 
 
@@ -166,16 +189,16 @@ _LS_COLUMNS = ["path", "modality", "body_part", "shape", "dtype", "spacing", "le
                "bytes", "bytes_per_level", "source_format", "complete", "warnings"]
 
 
-def _catalog_table(df, *, all_columns: bool) -> str:
+def _catalog_table(table, *, all_columns: bool) -> str:
     """The catalog as text: lists joined, sizes in kB, the main columns unless chosen."""
-    import numpy as np
-
-    df = df if all_columns else df[[c for c in _LS_COLUMNS if c in df.columns]]
+    shown = table.columns if all_columns else [c for c in _LS_COLUMNS if c in table.columns]
 
     def cell(column: str, value) -> str:
+        if hasattr(value, "tolist"):  # a numpy value (a frame a user wrote)
+            value = value.tolist()
         if column == "warnings":  # the count; `ls --warnings` prints them
             return str(0 if value is None else len(value))
-        if isinstance(value, (list, tuple, np.ndarray)):
+        if isinstance(value, (list, tuple)):
             if column == "shape":
                 return "x".join(str(int(v)) for v in value)
             if column == "bytes_per_level":
@@ -185,7 +208,7 @@ def _catalog_table(df, *, all_columns: bool) -> str:
             return f"{int(value):,}"
         return "" if value is None else str(value)
 
-    columns = {c: [cell(c, v) for v in df[c]] for c in df.columns}
+    columns = {c: [cell(c, r.get(c)) for r in table.rows] for c in shown}
     widths = {c: max([len(c), *map(len, cells)]) for c, cells in columns.items()}
     right = {"bytes", "levels", "n_chunks"}
 
@@ -194,7 +217,7 @@ def _catalog_table(df, *, all_columns: bool) -> str:
                          for c, v in cells.items()).rstrip()
 
     rows = [line({c: c for c in columns})]
-    rows += [line({c: columns[c][i] for c in columns}) for i in range(len(df))]
+    rows += [line({c: columns[c][i] for c in columns}) for i in range(len(table.rows))]
     return "\n".join(rows)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from .access import choose_level, level_edges
 from .catalog import COLUMNS, catalog
-from .direct import open_direct
+from .direct import derived, open_direct
 from .labels import find_label_maps, open_labels, read_label_level
 from .layout import level_shape
 from .modality import find_rescale
@@ -154,11 +154,12 @@ class MistDataset:
         info = image.info
         k = choose_level(info, scale=self.scale, size=self.size, below=self.below, clamp=True)
         threads = self.threads or (None if os.getpid() == self._maker else 1)
-        values = info.values.decode(image.read(k, threads=threads))
+        values = image.read_values(k, threads=threads)
+        affine, spacing = _geometry(image, k)
         item = {
             "image": values if factor is None else factor.apply(values),
-            "affine": np.asarray(info.level_affine(k), dtype=np.float64),
-            "spacing": np.asarray(info.level_spacing(k), dtype=np.float64),
+            "affine": affine,
+            "spacing": spacing,
             "path": row["path"],
             "level": k,
             "meta": {**{key: row.get(key, "") for key in _META}, "dims": "".join(info.dims)},
@@ -262,6 +263,18 @@ class MistDataset:
             while len(self._images) > _OPEN_IMAGES:
                 self._images.popitem(last=False)
         return image, factor
+
+
+def _geometry(image: OpenedImage, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Level ``k``'s affine and spacing (float64 arrays of the item's own), computed once
+    per image write."""
+    info = image.info
+    affine, spacing = derived(
+        image, ("geometry", k),
+        lambda: (np.asarray(info.level_affine(k), np.float64),
+                 np.asarray(info.level_spacing(k), np.float64)),
+        lambda kept: kept[0].nbytes + kept[1].nbytes + 256)
+    return affine.copy(), spacing.copy()
 
 
 def _catalog_info(row: Mapping[str, Any]) -> Any:

@@ -14,29 +14,31 @@ CRC32C written with them.
 
 Stores with synchronous I/O (local files, memory) are read on a thread pool;
 others (HTTP, object stores) with bounded concurrent requests on zarr's event
-loop, decoding on the pool as the bytes arrive.
+loop, decoding on the pool as the bytes arrive (the reading itself:
+:mod:`mist_zarr.reads`). At a coarse level the fixed costs are of the size
+of the decode, so a local read reuses each thread's buffers for the prefix
+bytes and, when the stored samples are only an intermediate (uint8 values
+stored as int16), for the decoded samples: callers always get arrays of
+their own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
+import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import imagecodecs
-import numcodecs
 import numpy as np
 import zarr
-from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 from zarr.storage import StorePath
 
 from .codestream import is_boundary
@@ -52,45 +54,17 @@ from .format import (
     chunk_crc,
     not_an_image,
 )
-from .prefix_cache import PrefixCache
-from .storage import no_group, open_source_store, supports_sync_io
-from .store import MultiscaleStore, source_identity
+from .reads import Reader, default_threads, pool, read_small_array, remote, run, scratch
+from .storage import no_group, open_source_store
+from .store import MultiscaleStore
+from .values import ValueMapping
 
-__all__ = ["ChecksumError", "OpenedImage", "open_direct"]
+__all__ = ["ChecksumError", "OpenedImage", "default_threads", "derived", "open_direct"]
+
+_pool = pool  # the name batch and the benchmarks know
 
 # Requests in flight per level read on remote stores.
 CONCURRENCY = 16
-_WHOLE = object()  # a cache miss of a whole chunk: read it all
-_CHUNKS = f"{IMAGE}/c/"  # only chunk reads go through a prefix cache
-
-
-def _remote(store: Store) -> bool:
-    """Requests to ``store`` have latency: issue them concurrently."""
-    return type(store).__name__ not in ("LocalStore", "MemoryStore")
-
-
-# -- one thread pool per size, per process -----------------------------------------------
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _pool(size: int) -> ThreadPoolExecutor:
-    """A persistent pool: starting threads on every read would cost more than a coarse level."""
-    with _POOLS_LOCK:
-        pool = _POOLS.get(size)
-        if pool is None:
-            pool = _POOLS[size] = ThreadPoolExecutor(size, thread_name_prefix="mist-decode")
-        return pool
-
-
-def _forget_pools() -> None:  # a forked child (DataLoader worker) has none of the threads
-    global _POOLS_LOCK
-    _POOLS.clear()
-    _POOLS_LOCK = threading.Lock()
-
-
-def default_threads() -> int:
-    return min(32, os.cpu_count() or 1)
 
 
 # -- what an open parses, kept per image write ----------------------------------------------
@@ -104,6 +78,9 @@ class _Parsed:
     size: int
     crcs: np.ndarray | None = None
     plans: dict[int, "_Plan"] = field(default_factory=dict)
+    # what readers above derive from this write once (see derived())
+    derived: dict[Any, Any] = field(default_factory=dict)
+    key: tuple[Any, ...] | None = None  # its key in _PARSED
 
 
 # Keyed on (where the image is, SHA-256 of its zarr.json): every write records a fresh
@@ -136,6 +113,28 @@ def _keep_parsed(key: tuple[Any, ...], entry: _Parsed) -> None:
             _parsed_bytes -= _PARSED.popitem(last=False)[1].size
 
 
+def derived(image: OpenedImage, name: Any, make: Callable[[], Any],
+            nbytes: Callable[[Any], int]) -> Any:
+    """``make()``, made once per image write and kept with what its opens share (counted,
+    by ``nbytes``, in the bound of that cache). Callers must not change what it returns."""
+    global _parsed_bytes
+    entry = image._parsed
+    if entry is None:  # an image write that is not shared (incomplete, no write id)
+        return make()
+    value = entry.derived.get(name)
+    if value is None:
+        value = make()
+        with _PARSED_LOCK:
+            if name not in entry.derived:
+                entry.derived[name] = value
+                size = nbytes(value)
+                entry.size += size
+                if entry.key is not None and _PARSED.get(entry.key) is entry:
+                    _parsed_bytes += size  # still held (an evicted entry is no longer counted)
+            value = entry.derived[name]
+    return value
+
+
 def _forget_parsed() -> None:
     global _parsed_bytes, _PARSED_LOCK
     _PARSED.clear()
@@ -144,7 +143,6 @@ def _forget_parsed() -> None:
 
 
 def _after_fork() -> None:
-    _forget_pools()
     # a forked child keeps the entries (they are still keyed on each image's zarr.json) but
     # not a lock another thread of the parent may have held
     global _PARSED_LOCK
@@ -152,146 +150,6 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
-
-
-# -- reading the group's own documents ----------------------------------------------------
-def _run(coro: Any) -> Any:
-
-    return sync(coro)
-
-
-class _Reader:
-    """Whole objects and byte ranges of one store under a key prefix, sync or async."""
-
-    def __init__(self, store: Store, prefix: str, cache: PrefixCache | None = None) -> None:
-        self.store = store
-        self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
-        self.sync = supports_sync_io(store)
-        root = getattr(store, "root", None)
-        # LocalStore: a plain pread costs a fifth of get_sync (no Buffer, pathlib, file object)
-        self.root = os.fspath(root) if type(store).__name__ == "LocalStore" and root else None
-        # a MultiscaleStore's prefix cache: a finer level fetches only the bytes beyond
-        # the prefix already held (see mist_zarr.progressive)
-        self.cache = cache
-
-    @property
-    def proto(self) -> Any:
-        return default_buffer_prototype()
-
-    def identity(self) -> tuple[Any, ...] | None:
-        """Where the image is, as a cache key (None: unknown kind of store, no caching)."""
-        if self.root is not None:  # cheaper than source_identity's realpath, as exact a key
-            return ("local", os.path.abspath(self.root), self.prefix)
-        ident = source_identity(self.store)
-        return None if ident is None else (*ident, self.prefix)
-
-    @property
-    def local(self) -> bool:
-        """Reads are cheap synchronous calls (threads decode; no request concurrency needed)."""
-        return self.root is not None and self.cache is None
-
-    def _cached_request(self, key: str, length: int | None) -> tuple[bytes, ByteRequest | None]:
-        """What the cache holds of ``key`` and the range still to read (None: nothing)."""
-        head = self.cache.get(self.prefix + key) if self.cache is not None else b""
-        if length is not None:
-            return head, (RangeByteRequest(len(head), length) if len(head) < length else None)
-        return head, OffsetByteRequest(len(head)) if head else _WHOLE
-
-    def _keep(self, key: str, head: bytes, buf: Any) -> bytes | None:
-        if buf is None and not head:
-            return None
-        data = head + (buf.to_bytes() if buf is not None else b"")
-        self.cache.put(self.prefix + key, data)
-        return data
-
-    def get(self, key: str, length: int | None = None) -> bytes | None:
-        """Object ``key`` (its first ``length`` bytes when given), or None if absent."""
-        if self.cache is not None and key.startswith(_CHUNKS):
-            head, request = self._cached_request(key, length)
-            if request is None:
-                return head[:length]
-            buf = _run(self.store.get(self.prefix + key, self.proto,
-                                      None if request is _WHOLE else request))
-            return self._keep(key, head, buf)
-        if self.root is not None:
-            try:
-                fd = os.open(os.path.join(self.root, self.prefix + key), os.O_RDONLY)
-            except (FileNotFoundError, NotADirectoryError):
-                return None
-            try:
-                return os.pread(fd, os.fstat(fd).st_size if length is None else length, 0)
-            finally:
-                os.close(fd)
-        request = None if length is None else RangeByteRequest(0, length)
-        if self.sync:
-            buf = self.store.get_sync(self.prefix + key, prototype=self.proto,
-                                      byte_range=request)
-        else:
-            buf = _run(self.store.get(self.prefix + key, self.proto, request))
-        return None if buf is None else buf.to_bytes()
-
-    async def aget(self, key: str, length: int | None = None) -> bytes | None:
-        if self.cache is not None and key.startswith(_CHUNKS):
-            head, request = self._cached_request(key, length)
-            if request is None:
-                return head[:length]
-            buf = await self.store.get(self.prefix + key, self.proto,
-                                       None if request is _WHOLE else request)
-            return self._keep(key, head, buf)
-        request = None if length is None else RangeByteRequest(0, length)
-        buf = await self.store.get(self.prefix + key, self.proto, request)
-        return None if buf is None else buf.to_bytes()
-
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        if self.sync or self.root is not None or not _remote(self.store):
-            return [self.get(k) for k in keys]
-
-        async def all_of() -> list[bytes | None]:
-            return list(await asyncio.gather(*(self.aget(k) for k in keys)))
-
-        return _run(all_of())
-
-
-def _small_array(reader: _Reader, name: str, doc: bytes | None) -> np.ndarray:
-    """A one-chunk array of the image group (the index, the checksums), decoded by numcodecs.
-
-    zarr's array machinery costs more than decoding these few hundred bytes; the
-    writer stores them as one chunk with ``bytes`` (+ ``zstd``) codecs. Any
-    other layout goes through zarr.
-    """
-
-    where = f"{reader.prefix}{name}"
-    if doc is None:
-        raise FileNotFoundError(f"{where}: the image group has no {name!r} array (the image "
-                                "was removed or replaced while it was being opened)")
-    meta = json.loads(doc)
-    shape = tuple(meta["shape"])
-    codecs = meta.get("codecs", [])
-    grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
-    encoding = meta.get("chunk_key_encoding", {})
-    simple = (
-        tuple(grid or ()) == shape and codecs and codecs[0].get("name") == "bytes"
-        and all(c.get("name") in ("zstd", "gzip") for c in codecs[1:])
-        and encoding.get("name") == "default"
-        and encoding.get("configuration", {}).get("separator", "/") == "/"
-        and isinstance(meta.get("fill_value"), int)
-    )
-    if not simple:
-
-        return zarr.open_array(store=reader.store, path=reader.prefix + name, mode="r",
-                               zarr_format=3)[...]
-    endian = codecs[0].get("configuration", {}).get("endian", "little")
-    dtype = np.dtype(meta["data_type"]).newbyteorder("<" if endian == "little" else ">")
-    raw = reader.get(f"{name}/c/" + "/".join("0" * len(shape)) if shape else f"{name}/c")
-    if raw is None:
-        return np.full(shape, meta["fill_value"], dtype.newbyteorder("="))
-    for codec in reversed(codecs[1:]):
-        raw = numcodecs.get_codec({"id": codec["name"], **codec.get("configuration", {})}
-                                  ).decode(raw)
-    data = np.frombuffer(raw, dtype)
-    if data.size != int(np.prod(shape)):
-        raise ValueError(f"{where}: chunk holds {data.size} values, expected shape {shape}")
-    return data.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
 
 
 # -- an opened image ----------------------------------------------------------------------
@@ -307,7 +165,7 @@ class OpenedImage:
     where: str
     info: ImageInfo
     index: np.ndarray
-    reader: _Reader = field(repr=False)
+    reader: Reader = field(repr=False)
     _crcs: np.ndarray | None = field(default=None, repr=False)
     _parsed: _Parsed | None = field(default=None, repr=False)
 
@@ -315,7 +173,7 @@ class OpenedImage:
         if self._crcs is None and self._parsed is not None:
             self._crcs = self._parsed.crcs
         if self._crcs is None:
-            self._crcs = _small_array(self.reader, CHECKSUM,
+            self._crcs = read_small_array(self.reader, CHECKSUM,
                                       self.reader.get(f"{CHECKSUM}/zarr.json"))
             if self._crcs.shape != self.info.grid:
                 raise ValueError(f"{self.where}: checksum array has shape {self._crcs.shape}, "
@@ -337,7 +195,7 @@ class OpenedImage:
         """The per-slice part of the source metadata (``slice_metadata`` array; {} if none)."""
         if not self.info.metadata.get(SLICE_METADATA):
             return {}
-        blob = _small_array(self.reader, SLICE_METADATA,
+        blob = read_small_array(self.reader, SLICE_METADATA,
                             self.reader.get(f"{SLICE_METADATA}/zarr.json"))
         return json.loads(blob.tobytes())
 
@@ -350,7 +208,69 @@ class OpenedImage:
         against their CRC32C (reduced levels have no checksum; their prefix
         boundaries are always checked).
         """
+        if region is not None and _whole_level(region, self.info.level_shape(k)):
+            region = None  # the cached plan of the whole level
         return _LevelRead(self, k, region, verify).run(threads)
+
+    def read_values(self, k: int = 0, *, region: Sequence[slice] | None = None,
+                    threads: int | None = None, verify: bool = True) -> np.ndarray:
+        """:meth:`read`, decoded to the caller's values (:meth:`ValueMapping.decode`)."""
+        values = self.info.values
+        if region is not None and _whole_level(region, self.info.level_shape(k)):
+            region = None
+        if _stored_are_values(values):
+            return _LevelRead(self, k, region, verify).run(threads)
+        # the stored samples are an intermediate: read them into this thread's buffer
+        plan = self._parsed.plans.get(k) if self._parsed is not None and region is None else None
+        stored = None
+        if plan is not None and len(plan.requests) == 1 and plan.longest and plan.direct[0]:
+            stored = self._one_chunk(plan, k)  # a small image's one chunk
+        if stored is None:
+            stored = _LevelRead(self, k, region, verify, reuse=True).run(threads)
+        result = values.decode(stored)
+        return result.copy() if np.may_share_memory(result, stored) else result
+
+    def _one_chunk(self, plan: _Plan, k: int) -> np.ndarray | None:
+        """The one chunk of a reduced level of a local image, decoded into this thread's
+        buffer: what :class:`_LevelRead` does for it without its bookkeeping, which costs
+        a quarter of such a decode. None for anything unusual (not local, missing, wrong
+        boundary, undecodable): the general read then raises the right error."""
+        reader, (key, length) = self.reader, plan.requests[0]
+        buf = scratch("read", length) if reader.is_local else None
+        count = math.prod(plan.out_shape)
+        dtype = self.info.stored_dtype
+        samples = scratch("samples", count * dtype.itemsize)
+        if buf is None or samples is None:
+            return None
+        try:
+            fd = os.open(f"{reader.root}/{reader.prefix}{key}", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            view = memoryview(buf)[:length]
+            data = view[:os.preadv(fd, [view], 0)]
+        finally:
+            os.close(fd)
+        if len(data) != length or not is_boundary(data[length - 2:]):
+            return None
+        out = np.frombuffer(samples, dtype, count).reshape(plan.out_shape)
+        try:
+            imagecodecs.htj2k_decode(data[:length - 2], skipres=k, out=out.reshape(plan.plane))
+        except Exception:  # noqa: BLE001 - reported by the general read
+            return None
+        return out
+
+
+@functools.lru_cache(maxsize=256)
+def _stored_are_values(values: ValueMapping) -> bool:
+    """The stored samples are already the caller's values (no decoding step)."""
+    return values.kind != "quantized" and np.dtype(values.dtype) == np.dtype(values.stored_dtype)
+
+
+def _whole_level(region: Sequence[slice], shape: Sequence[int]) -> bool:
+    return len(region) == len(shape) and all(
+        s.step in (None, 1) and s.start in (None, 0) and (s.stop is None or s.stop >= n)
+        for s, n in zip(region, shape))
 
 
 def open_direct(source: Any, *, storage_options: Mapping[str, Any] | None = None,
@@ -358,7 +278,7 @@ def open_direct(source: Any, *, storage_options: Mapping[str, Any] | None = None
     """Open the mist-zarr image at ``source`` (path, URL, zarr store, group or
     :class:`MultiscaleStore`) for direct reads."""
     reader, where = _locate(source, storage_options)
-    if reader.local:  # a hit needs only zarr.json; a miss reads the index docs next
+    if reader.is_local:  # a hit needs only zarr.json; a miss reads the index docs next
         docs = [reader.get("zarr.json"), None]
     else:  # one round trip for both documents
         docs = reader.get_many(["zarr.json", f"{INDEX}/zarr.json"])
@@ -374,10 +294,10 @@ def open_direct(source: Any, *, storage_options: Mapping[str, Any] | None = None
     except ValueError as exc:
         raise ValueError(f"{where}: zarr.json is not valid JSON: {exc}") from None
     info = image_info(group_attrs.get(ATTR), where, allow_incomplete, group_attrs)
-    if reader.local:
+    if reader.is_local:
         docs[1] = reader.get(f"{INDEX}/zarr.json")
     if info.complete or docs[1] is not None:
-        index = _small_array(reader, INDEX, docs[1])
+        index = read_small_array(reader, INDEX, docs[1])
     else:  # an incomplete image may not have its index yet: level 0 only
         index = np.zeros(info.grid + (info.levels + 1,), np.uint64)
     expected = info.grid + (info.levels + 1,)
@@ -386,7 +306,7 @@ def open_direct(source: Any, *, storage_options: Mapping[str, Any] | None = None
     entry = None
     if key is not None and info.complete and info.write_id:  # only a finished, identified write
         index.flags.writeable = False  # shared by every open of this write
-        entry = _Parsed(info, index, len(docs[0]) + 2 * index.nbytes)
+        entry = _Parsed(info, index, len(docs[0]) + 2 * index.nbytes, key=key)
         _keep_parsed(key, entry)
     return OpenedImage(where, info, index, reader, _parsed=entry)
 
@@ -406,15 +326,21 @@ def image_info(attrs: Mapping[str, Any] | None, where: str, allow_incomplete: bo
     return info
 
 
-def _locate(source: Any, storage_options: Mapping[str, Any] | None) -> tuple[_Reader, str]:
+def _locate(source: Any, storage_options: Mapping[str, Any] | None) -> tuple[Reader, str]:
 
+    if type(source) is str and ("://" not in source or source.startswith("file://")):
+        return Reader.local(source.removeprefix("file://")), source  # the common cases first
+    if isinstance(source, os.PathLike):
+        return Reader.local(os.fspath(source)), str(source)
     if isinstance(source, MultiscaleStore):
-        return _Reader(source.physical, "", source.prefix_cache), repr(source)
+        return Reader(source.physical, "", source.prefix_cache), repr(source)
     if isinstance(source, zarr.Group):
         source = source.store_path
     if isinstance(source, StorePath):
-        return _Reader(source.store, source.path), str(source)
-    return _Reader(open_source_store(source, storage_options), ""), str(source)
+        return Reader(source.store, source.path), str(source)
+    if isinstance(source, str) and ("://" not in source or source.startswith("file://")):
+        return Reader.local(source.removeprefix("file://")), str(source)  # a str subclass
+    return Reader(open_source_store(source, storage_options), ""), str(source)
 
 
 # -- one level read -----------------------------------------------------------------------
@@ -437,6 +363,10 @@ class _Plan:
     requests: list[tuple[str | None, int | None]]  # key (None: not written), bytes (None: all)
     places: list[tuple[tuple[slice, ...], tuple[slice, ...], bool]]  # src, dst, whole chunk
     plane: tuple[int, ...] | None  # the codestream's (y, x[, c]) when the axes before y are 1
+    chunks: tuple[int, ...]  # the level's chunk shape
+    # per chunk: it decodes straight into its (C-contiguous) place in the output
+    direct: list[bool] = field(default_factory=list)
+    longest: int = 0  # the longest request, in bytes (0: whole chunks)
 
 
 def _plan(image: OpenedImage, k: int, region: Sequence[slice] | None) -> _Plan:
@@ -465,16 +395,31 @@ def _plan(image: OpenedImage, k: int, region: Sequence[slice] | None) -> _Plan:
         src, dst, whole = zip(*(t[i] for t, i in zip(axes, c)))
         places.append((src, dst, all(whole)))
     iy = info.dims.index("y")
-    return _Plan(
-        out_shape=tuple(s.stop - s.start for s in region), coords=coords, requests=requests,
-        places=places, plane=chunks[iy:] if all(c == 1 for c in chunks[:iy]) else None)
+    out_shape = tuple(s.stop - s.start for s in region)
+    plane = chunks[iy:] if all(c == 1 for c in chunks[:iy]) else None
+    direct = [plane is not None and whole and _contiguous(dst, out_shape)
+              for _, dst, whole in places]
+    return _Plan(out_shape=out_shape, coords=coords, requests=requests, places=places,
+                 plane=plane, chunks=chunks, direct=direct,
+                 longest=max((n or 0 for _, n in requests), default=0))
+
+
+def _contiguous(block: Sequence[slice], shape: Sequence[int]) -> bool:
+    """Whether ``block`` of a C-order array of ``shape`` is one contiguous run."""
+    partial = False  # an axis after this one (going left) is not spanned whole
+    for s, n in zip(reversed(block), reversed(shape)):
+        extent = s.stop - s.start
+        if partial and extent != 1:
+            return False
+        partial = partial or extent != n
+    return True
 
 
 class _LevelRead:
     """The chunks of one level (or of a region of it) read, verified and decoded into ``out``."""
 
     def __init__(self, image: OpenedImage, k: int, region: Sequence[slice] | None,
-                 verify: bool) -> None:
+                 verify: bool, reuse: bool = False) -> None:
         info = image.info
         if not 0 <= k <= info.levels:
             raise ValueError(f"{image.where}: level must be in 0..{info.levels}, found {k}")
@@ -482,15 +427,18 @@ class _LevelRead:
             raise IncompleteImageError(f"{image.where}: reduced levels of an incompletely "
                                        "written image have no prefix index")
         self.image, self.k, self.info = image, k, info
-        self.chunks = info.level_chunks(k)
         shared = image._parsed
         plan = shared.plans.get(k) if shared is not None and region is None else None
         if plan is None:
             plan = _plan(image, k, region)
             if shared is not None and region is None:
                 shared.plans[k] = plan
-        self.plan = plan
-        self.out = np.empty(plan.out_shape, info.stored_dtype)
+        self.plan, self.chunks = plan, plan.chunks
+        dtype = info.stored_dtype
+        count = math.prod(plan.out_shape)
+        buf = scratch("samples", count * dtype.itemsize) if reuse else None
+        self.out = (np.empty(plan.out_shape, dtype) if buf is None else
+                    np.frombuffer(buf, dtype, count).reshape(plan.out_shape))
         self.crcs = image.checksums() if verify and k == 0 else None
 
     def run(self, threads: int | None) -> np.ndarray:
@@ -498,24 +446,55 @@ class _LevelRead:
         if not todo or not self.out.size:
             return self.out
         reader = self.image.reader
-        if reader.local or (reader.sync and reader.cache is None and not _remote(reader.store)):
+        if reader.is_local or (reader.sync and reader.cache is None and not remote(reader.store)):
             n = max(1, min(threads or default_threads(), len(todo)))
             if n == 1:
                 self._all(todo)
             else:  # one task per thread: per-chunk hand-offs cost as much as a coarse decode
                 list(_pool(n).map(self._all, [todo[i::n] for i in range(n)]))
         else:
-            _run(self._fetch_all(todo, max(1, threads or default_threads())))
+            run(self._fetch_all(todo, max(1, threads or default_threads())))
         return self.out
 
     def _all(self, todo: Iterable[int]) -> None:
+        reader, plan = self.image.reader, self.plan
+        buf = scratch("read", plan.longest) if reader.is_local and plan.longest else None
+        if buf is None or self.crcs is not None:
+            for i in todo:
+                self._place(i, self._fetch(i))
+            return
+        # a local folder at a reduced level: the steps of _fetch, _checked and _place inlined,
+        # since their calls cost as much as decoding a small chunk
+        base, view, k, out = f"{reader.root}/{reader.prefix}", memoryview(buf), self.k, self.out
         for i in todo:
-            self._place(i, self._fetch(i))
+            key, length = plan.requests[i]
+            if key is None or not plan.direct[i]:
+                self._place(i, self._fetch(i))
+                continue
+            try:
+                fd = os.open(base + key, os.O_RDONLY)
+            except (FileNotFoundError, NotADirectoryError):
+                self._checked(plan.coords[i], key, length, None)  # raises
+            try:
+                data = view[:os.preadv(fd, [view[:length]], 0)]
+            finally:
+                os.close(fd)
+            if len(data) != length or not is_boundary(data[length - 2:]):
+                self._checked(plan.coords[i], key, length, bytes(data))  # raises
+            try:
+                imagecodecs.htj2k_decode(data[:length - 2], skipres=k,
+                                         out=out[plan.places[i][1]].reshape(plan.plane))
+            except Exception as exc:
+                raise self._undecodable(plan.coords[i], exc) from exc
+
+    def _undecodable(self, coords: tuple[int, ...], exc: Exception) -> ValueError:
+        return ValueError(f"{self.image.where}: level-{self.k} chunk {coords} does not decode "
+                          f"to {self.chunks} {self.info.stored_dtype}: {exc}")
 
     async def _fetch_all(self, todo: Iterable[int], threads: int) -> None:
         loop = asyncio.get_running_loop()
         gate = asyncio.Semaphore(CONCURRENCY)
-        pool = _pool(threads)
+        workers = pool(threads)
 
         async def one(i: int) -> None:
             key, length = self.plan.requests[i]
@@ -524,14 +503,16 @@ class _LevelRead:
             else:
                 async with gate:
                     data = await self.image.reader.aget(key, length)
-            await loop.run_in_executor(pool, self._place, i,
+            await loop.run_in_executor(workers, self._place, i,
                                        self._checked(self.plan.coords[i], key, length, data))
 
         await asyncio.gather(*(one(i) for i in todo))
 
     def _fetch(self, i: int) -> bytes | memoryview | None:
         key, length = self.plan.requests[i]
-        data = None if key is None else self.image.reader.get(key, length)
+        reader = self.image.reader
+        data = (None if key is None else reader.get(key) if length is None else
+                reader.get_prefix(key, length))
         return self._checked(self.plan.coords[i], key, length, data)
 
     def _checked(self, coords: tuple[int, ...], key: str | None, length: int | None,
@@ -539,15 +520,15 @@ class _LevelRead:
         """The prefix to decode, once its boundary is checked (see the module docstring)."""
         if key is None or length is None:
             return data
-        where = f"{self.image.where}: level-{self.k} chunk {coords}"
         if data is None:
             self.image.require_image_array()
-            raise PrefixError(f"{where}: indexed as present but {key!r} is missing")
+            raise PrefixError(f"{self.image.where}: level-{self.k} chunk {coords}: indexed as "
+                              f"present but {key!r} is missing")
         prefix = length - 2
         if len(data) != length or not is_boundary(data[prefix:]):
             found = data[prefix:].hex() or "end of data"
             raise PrefixError(
-                f"{where}: the prefix of {prefix} bytes in {key!r} does not end on a tile-part "
+                f"{self.image.where}: level-{self.k} chunk {coords}: the prefix of {prefix} bytes in {key!r} does not end on a tile-part "
                 f"boundary (expected marker ff90 or ffd9 after it, found {found} in "
                 f"{len(data)} bytes); the prefix index is wrong or the chunk changed")
         return memoryview(data)[:prefix]
@@ -555,7 +536,7 @@ class _LevelRead:
     def _place(self, i: int, data: bytes | memoryview | None) -> None:
         """Decode chunk ``i`` of the plan into its place in ``out`` (checksum first at level 0)."""
         coords = self.plan.coords[i]
-        src, dst, whole = self.plan.places[i]
+        src, dst, _ = self.plan.places[i]
         target = self.out[dst]
         if data is None:  # not written: fill value 0
             zero = np.zeros(self.info.chunks, self.info.stored_dtype)
@@ -567,15 +548,14 @@ class _LevelRead:
             return
         plane = self.plan.plane
         try:
-            if plane is not None and whole and target.flags.c_contiguous:
+            if self.plan.direct[i]:
                 imagecodecs.htj2k_decode(data, skipres=self.k or None, out=target.reshape(plane))
                 decoded = target
             else:
                 decoded = imagecodecs.htj2k_decode(data, skipres=self.k or None
                                                    ).reshape(self.chunks)
         except Exception as exc:
-            raise ValueError(f"{self.image.where}: level-{self.k} chunk {coords} does not decode "
-                             f"to {self.chunks} {self.info.stored_dtype}: {exc}") from exc
+            raise self._undecodable(coords, exc) from exc
         if self.crcs is not None and chunk_crc(decoded) != int(self.crcs[coords]):
             raise ChecksumError(
                 f"{self.image.where}: chunk {coords}: decoded samples do not match the checksum "

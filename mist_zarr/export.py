@@ -25,7 +25,7 @@ from .converters.base import ExportResult, StoredImage
 from .converters.dicom import export_dicom
 from .converters.dicom.seg import write_seg
 from .errors import ConversionError, ExportError, MistZarrError
-from .format import ATTR, not_an_image
+from .format import ATTR, EXPORTS, allowed_exports, not_an_image
 from .labels import LabelInfo, false_colour, is_label_group, open_labels, read_label_level
 from .reader import open_image
 from .storage import get_json, join_location, location, no_group, open_source_store
@@ -33,14 +33,6 @@ from .store import MultiscaleStore
 
 __all__ = ["EXPORTS", "ExportError", "ExportResult", "allowed_exports", "export"]
 
-EXPORTS: dict[str, tuple[str, ...]] = {
-    "dicom": ("dicom", "nifti", "png", "jpeg"),
-    "nifti": ("nifti", "png", "jpeg"),
-    "array": ("nifti", "png", "jpeg"),
-    "png": ("png", "jpeg"),
-    "jpeg": ("png", "jpeg"),
-    "tiff": ("png", "jpeg"),
-}
 
 # export format -> (exporter, the options of :func:`export` it takes)
 _EXPORTERS: dict[str, tuple[Callable[..., ExportResult], tuple[str, ...]]] = {
@@ -103,11 +95,6 @@ def _export_seg(source: Any, labels: LabelInfo, k: int, values: np.ndarray,
     return ExportResult(format="dicom", level=k, files=[str(seg_file)] + list(series.files),
                         notes=notes + [f"image/: the referenced series, {image} at level {k}"]
                         + list(series.notes))
-
-
-def allowed_exports(source_format: str) -> tuple[str, ...]:
-    """Formats an image from ``source_format`` may be exported to."""
-    return EXPORTS.get(source_format, ())
 
 
 def export(

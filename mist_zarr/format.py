@@ -27,7 +27,9 @@ __all__ = [
     "TMP_DIR",
     "DONE_DIR",
     "DATASET_ATTR",
+    "EXPORTS",
     "ImageInfo",
+    "allowed_exports",
     "chunk_crc",
     "IncompleteImageError",
     "default_affine",
@@ -61,7 +63,22 @@ CHECKSUM = "checksum"
 SLICE_METADATA = "slice_metadata"
 BULKY_METADATA = ("dicom_per_slice", "dicom_per_slice_vr")
 SOURCE_FORMATS = ("dicom", "nifti", "png", "jpeg", "tiff", "array")
+# The format hierarchy: source format -> the formats its images may be exported to
+# (only down DICOM -> NIfTI -> PNG/JPEG; mist_zarr.export enforces it)
+EXPORTS: dict[str, tuple[str, ...]] = {
+    "dicom": ("dicom", "nifti", "png", "jpeg"),
+    "nifti": ("nifti", "png", "jpeg"),
+    "array": ("nifti", "png", "jpeg"),
+    "png": ("png", "jpeg"),
+    "jpeg": ("png", "jpeg"),
+    "tiff": ("png", "jpeg"),
+}
 UNITS = {"z": "millimeter", "y": "millimeter", "x": "millimeter", "t": "second", "c": None}
+
+
+def allowed_exports(source_format: str) -> tuple[str, ...]:
+    """Formats an image from ``source_format`` may be exported to."""
+    return EXPORTS.get(source_format, ())
 
 
 def chunk_crc(samples: np.ndarray) -> int:

@@ -56,7 +56,7 @@ def read_image(source: Any, *, threads: int | None = None, verify: bool = True,
     (default: one per core); see :mod:`mist_zarr.direct`.
     """
     image = open_direct(source, **kwargs)
-    return image.info.values.decode(image.read(0, threads=threads, verify=verify))
+    return image.read_values(0, threads=threads, verify=verify)
 
 
 def read_metadata(source: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ recorded with its measured error.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,6 +16,11 @@ import numpy as np
 from .errors import LossyInputError
 
 __all__ = ["LossyInputError", "ValueMapping", "choose_mapping", "storage_dtype_for"]
+
+try:  # numpy's clip ufunc: np.clip's Python wrapper costs more than clipping a small level
+    from numpy._core.umath import clip as _clip
+except ImportError:  # pragma: no cover - a numpy that moved it
+    _clip = np.clip
 
 STORABLE = tuple(np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "uint32", "int32"))
 
@@ -64,13 +70,20 @@ class ValueMapping:
         target = np.dtype(self.dtype)
         if target.kind in "iu" and np.dtype(a.dtype).kind in "iu" and not np.can_cast(
                 a.dtype, target, "safe"):  # (a safe cast cannot leave the range)
-            info = np.iinfo(target)
+            lo, hi = _bounds(np.dtype(a.dtype), target)
             # one pass: clipped values fit the target, so the unsafe cast is exact
-            return np.clip(a, info.min, info.max, out=np.empty(a.shape, target),
-                           casting="unsafe")
+            return _clip(a, lo, hi, out=np.empty(a.shape, target), casting="unsafe")
         elif target == np.bool_:
             return a > 0
         return a.astype(target, copy=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds(source: np.dtype, target: np.dtype) -> tuple[np.generic, np.generic]:
+    """``target``'s range as scalars of a type that holds both dtypes' values (the clip
+    ufunc, unlike np.clip, does not widen Python integers that overflow its input type)."""
+    wide, info = np.promote_types(source, target), np.iinfo(target)
+    return wide.type(info.min), wide.type(info.max)
 
 
 def _stats(a: Any) -> tuple[float, float, bool, bool, bool]:

@@ -40,6 +40,7 @@ from .errors import SourceIssue, one_line
 from .format import ATTR, CHECKSUM, DONE_DIR, IMAGE, INDEX, TMP_DIR, ImageInfo, chunk_crc
 from .reader import read_image
 from .storage import get_bytes, get_json, join_key, open_group, resolve
+from .tables import CATALOG, decode_catalog
 
 __all__ = ["VerifyReport", "verify", "verify_image"]
 
@@ -259,16 +260,15 @@ def _find_local(root: Path) -> list[tuple[str, str]]:
 
 def _find_remote(url: str, storage_options: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     """(name relative to the root, URL) of the image at ``url`` or of the dataset's images."""
-    from .catalog import read_catalog  # pandas: only for a remote dataset
-
     root = url.rstrip("/")
     store, prefix = resolve(root, storage_options)
     doc = get_json(store, join_key(prefix, "zarr.json"), strict=False)
     if isinstance(doc, dict) and ATTR in doc.get("attributes", {}):
         return [("", root)]
-    listed = read_catalog(root, storage_options=storage_options)
+    data = get_bytes(store, join_key(prefix, CATALOG))
+    listed = decode_catalog(data) if data is not None else None
     if listed is not None:
-        return [(str(p), f"{root}/{p}") for p in listed["path"]]
+        return [(str(p), f"{root}/{p}") for p in listed.column("path")]
     try:
         keys, why = set(sync(_list(store, prefix))), ""
     except Exception as exc:  # e.g. HTTP, which has no listing

@@ -302,3 +302,44 @@ def test_the_documented_entry_points(converted):
     df = mist_zarr.catalog.catalog(dest)
     assert list(df.path) == sorted(r["path"] for r in mist_zarr.list_images(dest))
     assert list(mist_zarr.catalog.read_failures(dest).columns) == list(FAILURE_COLUMNS)
+
+
+def test_failures_csv_is_what_pandas_writes_and_reads():
+    """failures.csv is written with the csv module: the bytes pandas' to_csv wrote, read
+    back as read_csv(dtype=str) read them (quotes, commas, newlines, empty values)."""
+    import io
+
+    from mist_zarr.catalog import _failures_frame
+    from mist_zarr.tables import Table, decode_failures, encode_failures
+
+    rows = [{"key": "/a, b.dcm", "source": 'he said "no"', "kind": "failed",
+             "reason": "line one\nline two", "run": "", "time": " 2026-12-07T10:00:00+00:00"},
+            {"key": "k2", "source": "", "kind": "skipped", "reason": "not an image",
+             "run": "r", "time": "t"}]
+    frame = pd.DataFrame(rows, columns=list(FAILURE_COLUMNS))
+    data = encode_failures(Table(list(FAILURE_COLUMNS), rows))
+    assert data == frame.to_csv(index=False).encode()
+    read = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(_failures_frame(decode_failures(data)), read)
+    assert decode_failures(data).rows == rows
+    empty = pd.DataFrame({c: pd.Series(dtype=str) for c in FAILURE_COLUMNS})
+    pd.testing.assert_frame_equal(_failures_frame(decode_failures(None)), empty)
+
+
+def test_the_catalog_convert_writes_is_the_one_pandas_wrote(converted, tmp_path):
+    """convert writes catalog.parquet without pandas (arrow's JSON reader builds the
+    columns): the same schema and rows as write_catalog of build_catalog's frame."""
+    import pyarrow.parquet as pq
+
+    src, _ = converted
+    dest = tmp_path / "dataset"
+    shutil.copytree(src, dest)
+    (dest / CATALOG).unlink(missing_ok=True)
+    mist_zarr.convert(make_sources(tmp_path / "more", with_ct=False) / "wide.nii.gz", dest,
+                      overwrite=True)  # a run: no catalog yet, so it builds it whole
+    by_convert = pq.read_table(dest / CATALOG)
+    write_catalog(dest, build_catalog(dest))
+    by_pandas = pq.read_table(dest / CATALOG)
+    assert by_convert.schema.remove_metadata() == by_pandas.schema.remove_metadata()
+    assert by_convert.equals(by_pandas.replace_schema_metadata(by_convert.schema.metadata))
+    assert as_lists(pd.read_parquet(dest / CATALOG)) == as_lists(build_catalog(dest))

@@ -65,6 +65,76 @@ def test_start_up_loads_no_heavy_dependency(body):
     assert loaded == "", f"loaded at start-up: {loaded}"
 
 
+def _loaded(body: str, heavy) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", _LOADED.format(body=body, heavy=tuple(heavy))],
+                         capture_output=True, text=True, check=True).stdout
+    return set(filter(None, out.rsplit("LOADED:", 1)[1].strip().split(",")))
+
+
+def _local_dataset(tmp_path):
+    """A dataset converted from two PNGs (one refused), its image path and the catalog."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _gradient_png(src / "g.png")
+    (src / "bad.png").write_bytes((src / "g.png").read_bytes()[:200])
+    assert run("convert", "-q", str(src), str(tmp_path / "ds")).returncode == 1  # one failed
+    return tmp_path / "ds", tmp_path / "ds" / "g"
+
+
+def test_info_and_ls_of_a_local_dataset_load_neither_zarr_nor_pandas(tmp_path):
+    """Start-up (issue 16): a local image's info is read with json, numpy and imagecodecs'
+    zstd; ls with pyarrow alone (catalog) or the csv module (failures)."""
+    dest, image = _local_dataset(tmp_path)
+    cases = {
+        ("info", str(image)): {"numpy", "imagecodecs"},
+        ("ls", str(dest)): {"numpy", "pyarrow"},
+        ("ls", str(dest), "--json"): {"numpy", "pyarrow"},
+        ("ls", str(dest), "--warnings"): {"numpy", "pyarrow"},
+        ("ls", str(dest), "--failures"): {"numpy"},
+    }
+    for argv, allowed in cases.items():
+        body = f"from mist_zarr.cli import main\nassert main({list(argv)!r}) == 0"
+        loaded = _loaded(body, HEAVY)
+        assert loaded <= allowed, f"mist-zarr {' '.join(argv)} loaded {loaded - allowed}"
+
+
+def test_convert_loads_no_pandas(tmp_path):
+    """The catalog and failure report that end every convert are written without pandas."""
+    png = _gradient_png(tmp_path / "g.png")
+    body = ("from mist_zarr.cli import main\n"
+            f"assert main(['convert', '-q', {str(png)!r}, {str(tmp_path / 'ds')!r}]) == 0")
+    assert _loaded(body, ("pandas", "dask", "xarray", "highdicom", "torch")) == set()
+    assert (tmp_path / "ds" / "catalog.parquet").is_file()
+
+
+def test_info_and_ls_print_the_same_locally_and_over_http(tmp_path):
+    """The light local reads and zarr's path (a URL) print the same bytes."""
+    from mist_zarr.serve import serve_in_thread
+
+    dest, image = _local_dataset(tmp_path)
+    local = {args: run(*args, str(dest / where)) for args, where in
+             [(("info",), "g"), (("ls",), ""), (("ls", "--json"), ""),
+              (("ls", "--failures"), ""), (("ls", "--columns", "path,bytes,n_chunks"), "")]}
+    with serve_in_thread(tmp_path) as server:
+        for args, out in local.items():
+            where = "g" if args == ("info",) else ""
+            url = f"{server.url}/ds/{where}".rstrip("/")
+            remote = run(*args, url)
+            assert out.returncode == remote.returncode == 0, remote.stderr
+            assert remote.stdout.replace(url, "LOCATION") == \
+                out.stdout.replace(str(dest / where).rstrip("/"), "LOCATION"), args
+    assert "g" in local["ls",].stdout and "bad.png" in local["ls", "--failures"].stdout
+
+
+def test_ls_exits_cleanly_every_time(tmp_path):
+    """Without pandas loaded, pyarrow reading through a Python file object aborted the
+    interpreter at exit ("terminate called without an active exception", rc 134) in 1
+    run in 5 to 10 here: ls reads through an arrow buffer."""
+    dest, _ = _local_dataset(tmp_path)
+    codes = [run("ls", str(dest)).returncode for _ in range(10)]
+    assert codes == [0] * 10
+
+
 def test_lazy_names_are_the_functions_even_after_their_modules_load():
     import mist_zarr.convert  # noqa: F401 - the submodule, loaded first on purpose
     import mist_zarr.export  # noqa: F401

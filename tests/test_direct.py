@@ -286,6 +286,7 @@ def test_the_parse_cache_is_bounded(tmp_path, monkeypatch):
         np.testing.assert_array_equal(values, i)
         assert len(direct._PARSED) <= 2
     monkeypatch.setattr(direct, "_PARSED_BYTES", 0)  # nothing fits: nothing is kept
+    direct._forget_parsed()  # (paths[0] may still be held: the threads finish in any order)
     open_direct(paths[0])
     assert not direct._PARSED
 
@@ -301,3 +302,75 @@ def test_decoding_to_a_narrower_dtype_clips_into_its_range(samples, dtype):
     info = np.iinfo(dtype)
     assert got.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(got, np.clip(stored, info.min, info.max).astype(dtype))
+
+
+def test_level_values_are_never_the_readers_reused_buffers(tmp_path):
+    """Stored samples that are only an intermediate (here int16 for uint8 values) are read
+    into a per-thread buffer; what callers get must be their own array all the same."""
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.zarr")
+        mist_zarr.write_image(paths[-1], np.full((256, 256), 10 * (i + 1), np.uint8))
+    first = open_direct(paths[0])
+    assert first.info.stored_dtype != first.info.dtype  # the case that uses the buffer
+    kept = [first.read_values(k) for k in range(first.info.levels + 1)]
+    arrays = mist_zarr.read_level(paths, scale=2, threads=1) + [
+        mist_zarr.open(p, scale=2).values for p in paths]
+    for p in paths:  # every later read in this thread reuses the buffers
+        mist_zarr.read_level([p], scale=2, threads=1)
+    for values in kept:
+        assert values.flags.writeable and values.flags.owndata
+        np.testing.assert_array_equal(values, 10)
+    for i, values in enumerate(arrays):
+        np.testing.assert_array_equal(values, 10 * (i % 3 + 1))
+
+
+def test_opened_levels_do_not_share_attrs_or_coordinates(ct):
+    """open() builds each level's coordinates and attrs once per image write; every
+    opened array still gets its own."""
+    a, b = mist_zarr.open(ct, scale=2), mist_zarr.open(ct, scale=2)
+    a.attrs["spacing"].append(99.0)
+    a.attrs["affine"][0, 0] = 1234.0
+    a.attrs["metadata"]["added"] = True
+    a.coords["y"].attrs["units"] = "cm"
+    assert b.attrs["spacing"] == list(open_direct(ct).info.level_spacing(2))
+    assert b.attrs["affine"][0, 0] != 1234.0 and "added" not in b.attrs["metadata"]
+    assert b.coords["y"].attrs["units"] == "mm"
+    np.testing.assert_array_equal(a.coords["x"].values, b.coords["x"].values)
+    c = mist_zarr.open(ct, scale=2)
+    assert c.coords["y"].attrs["units"] == "mm" and "added" not in c.attrs["metadata"]
+
+
+def test_a_file_url_and_a_path_read_the_same_image(images):
+    path = images["tiled"]
+    np.testing.assert_array_equal(mist_zarr.read_level([f"file://{path}"], scale=1)[0],
+                                  mist_zarr.read_level([path], scale=1)[0])
+
+
+def test_to_dask_names_its_graph_by_its_inputs(tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.zarr")
+        mist_zarr.write_image(paths[-1], np.full((256, 256), i, np.uint8))
+    assert to_dask(paths, scale=1).name == to_dask(paths, scale=1).name
+    assert to_dask(paths, scale=1).name != to_dask(paths[::-1], scale=1).name
+    assert to_dask(paths, scale=1).name != to_dask(paths, scale=2).name
+    np.testing.assert_array_equal(to_dask(paths[::-1], scale=1, per_block=2).compute()[:, 0, 0],
+                                  [2, 1, 0])
+
+
+def test_what_opens_derive_is_counted_in_the_parse_cache_bound(tmp_path):
+    """open() keeps each level's coordinates with the parsed write: they count toward the
+    cache's byte bound, so that the bound holds for many images opened at many levels."""
+    import mist_zarr.direct as direct
+
+    p = tmp_path / "p.zarr"
+    mist_zarr.write_image(p, np.full((3, 512, 512), 5, np.int16))
+    entry = open_direct(p)._parsed
+    size, held = entry.size, direct._parsed_bytes
+    coords = mist_zarr.open(p, scale=1).coords
+    grown = entry.size - size
+    assert grown >= sum(coords[d].values.nbytes for d in ("z", "y", "x"))
+    assert direct._parsed_bytes - held == grown
+    mist_zarr.open(p, scale=1)  # made once per write
+    assert entry.size - size == grown

@@ -16,7 +16,8 @@ root and its JSON documents; :mod:`.report` is what a run returns;
 
 Imports kept lazy on purpose, for the start-up time of ``import mist_zarr``
 and of the CLI: dask/distributed (only with ``workers``/``scheduler``),
-tqdm (when a run starts) and pandas/pyarrow (inside the catalog).
+tqdm (only for a progress bar) and pyarrow (inside the catalog's
+:mod:`~mist_zarr.tables`; a run never loads pandas).
 """
 
 from __future__ import annotations

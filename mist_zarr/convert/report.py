@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ..errors import SourceIssue
+from ..tables import dumps
 
 __all__ = ["ConvertReport", "Problem", "SeriesResult", "dumps", "issue_json"]
 
@@ -104,14 +102,3 @@ def issue_json(issue: SourceIssue) -> dict[str, str]:
     return {"source": issue.source, "reason": issue.reason, "kind": issue.kind, "key": issue.key}
 
 
-def _json_default(o: Any) -> Any:  # pragma: no cover - used by the CLI
-    if isinstance(o, (np.integer, np.floating, np.bool_)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o))
-
-
-def dumps(obj: Any) -> str:
-    """``obj`` as indented JSON, numpy scalars and arrays included (the CLI's ``--json``)."""
-    return json.dumps(obj, indent=1, default=_json_default)

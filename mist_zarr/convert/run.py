@@ -13,7 +13,7 @@ from typing import Any
 
 import zarr
 
-from ..catalog import CATALOG, FAILURES, update_catalog, update_failures
+from ..catalog import CATALOG, FAILURES, update_catalog_table, update_failures_table
 from ..converters.base import DEFAULT_MAX_BYTES
 from ..converters.dicom import forget_headers
 from ..converters.sources import Unit, plan
@@ -148,25 +148,29 @@ def _run(units: list[Unit], dest: Any, options: Options, workers: int | None,
          scheduler: str | None, report: ConvertReport, progress: bool,
          pool: PartPool | None = None) -> None:
     """Run the units on the chosen runner, adding their outcomes to ``report``."""
-    from tqdm.auto import tqdm  # lazy: see the package docstring
+    bar = None
+    if progress:  # tqdm only for a bar (20-30 ms to import, a monitor thread)
+        from tqdm.auto import tqdm
 
-    # one step per series (or non-DICOM file), whichever worker finished it
-    bar = tqdm(total=len(units), unit="series", desc="convert", disable=not progress,
-               leave=False)
+        # one step per series (or non-DICOM file), whichever worker finished it
+        bar = tqdm(total=len(units), unit="series", desc="convert", leave=False)
 
     def collect(unit: Unit, outcome: tuple[list[SeriesResult], list[SourceIssue]]) -> None:
         results, unit_problems = outcome
         report.converted += results
         report.problems += unit_problems
-        bar.update(1)
-        bar.set_postfix_str(f"{len(report.converted)} images, {len(report.failed)} failed, "
-                            f"{report.bytes_in / 1e6:.0f} MB in -> {report.bytes_out / 1e6:.0f} MB out")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{len(report.converted)} images, {len(report.failed)} failed, "
+                                f"{report.bytes_in / 1e6:.0f} MB in -> "
+                                f"{report.bytes_out / 1e6:.0f} MB out")
 
     if workers or scheduler:
         run_distributed(units, dest, options, workers, scheduler, collect)
     else:
         run_local(units, dest, options, collect, pool.submit if pool is not None else None)
-    bar.close()
+    if bar is not None:
+        bar.close()
 
 
 def _update_failures(root: zarr.Group, report: ConvertReport, units: list[Unit], run: str) -> None:
@@ -184,7 +188,7 @@ def _update_failures(root: zarr.Group, report: ConvertReport, units: list[Unit],
     rows = [{**issue_json(p), "run": run, "time": now} for p in report.problems
             if p.key not in stored]
     try:
-        update_failures(root, rows, seen)
+        update_failures_table(root, rows, seen)
     except (OSError, ValueError, ImportError) as exc:
         report.problems.append(SourceIssue(f"{report.dest}/{FAILURES}",
                                            f"failure report not written: {exc}"))
@@ -193,7 +197,7 @@ def _update_failures(root: zarr.Group, report: ConvertReport, units: list[Unit],
 def _update_catalog(root: zarr.Group, report: ConvertReport) -> None:
     """Keep the dataset's catalog.parquet in step with the images just written."""
     try:
-        update_catalog(root, [r.path for r in report.converted if r.status == "converted"])
+        update_catalog_table(root, [r.path for r in report.converted if r.status == "converted"])
     except (OSError, ValueError, ImportError) as exc:
         report.problems.append(SourceIssue(f"{report.dest}/{CATALOG}",
                                            f"catalog not updated: {exc}"))

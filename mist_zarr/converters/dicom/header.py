@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import DicomError, SourceIssue, one_line
+from .functional import FUNCTIONAL_GROUP_TAGS, FrameGroups, read_frame_groups, read_shared_group
 from .jsonmodel import _element_signature, _is_metadata_tag, _JsonBuilder
 from .tags import _get, _int, _pydicom, _text
+from .walk import skip_sequence
 
 _PIXEL_TAGS = {
     0x7FE00010: "PixelData",
@@ -88,7 +90,9 @@ def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
 
     Returns the header dataset, the pixel data tag (None if absent) and the
     location of its value (None if absent or deflated). Raises _Refused for
-    non-DICOM, unreadable or truncated files.
+    non-DICOM, unreadable or truncated files. In explicit VR little endian
+    files the functional-group sequences stay raw elements (see
+    ``walk.skip_sequence``); pydicom parses them if they are accessed.
     """
     _pydicom()
     from pydicom.errors import InvalidDicomError
@@ -96,10 +100,16 @@ def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
 
     captured: dict[str, Any] = {}
     loc = None
+    stopped: set[int] = set()  # functional-group sequences already stopped at
 
     def stop(tag: int, vr: str | None, length: int) -> bool:
         if int(tag) in _PIXEL_TAGS:
             captured.update(tag=int(tag), vr=vr, length=length)
+            return True
+        # explicit VR functional groups at the top level: kept raw (walk.skip_sequence)
+        # and read once per file by functional.read_frame_groups
+        if int(tag) in FUNCTIONAL_GROUP_TAGS and vr == "SQ" and int(tag) not in stopped:
+            stopped.add(int(tag))
             return True
         return False
 
@@ -110,6 +120,8 @@ def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
             ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
             if not ts:
                 raise _Refused(path, "File Meta Information has no TransferSyntaxUID")
+            if stopped and not captured:
+                ds = _read_rest(fp, ds, ts, stop, stopped)
             if captured and str(ts) != _DEFLATED:
                 loc = _check_pixel_extent(path, fp, ds, ts, captured)
     except _Refused:
@@ -125,6 +137,26 @@ def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
     except Exception as exc:
         raise _Refused(path, f"unreadable DICOM header ({one_line(exc)})") from None
     return ds, captured.get("tag"), loc
+
+
+def _read_rest(fp: Any, ds: Any, ts: Any, stop: Any, stopped: set[int]) -> Any:
+    """Finish a header read that stopped at a functional-group sequence: keep it raw and
+    read on, to the next such sequence, the pixel data or the end of the file."""
+    from pydicom.filereader import read_dataset, read_partial
+
+    if str(ts) == _DEFLATED or ts.is_implicit_VR or not ts.is_little_endian:
+        # fp is not the stream pydicom read (deflated), or the walker does not apply
+        # (big endian): read the header again, parsing the sequences as usual
+        fp.seek(0)
+        return read_partial(fp, stop_when=lambda t, vr, n: int(t) in _PIXEL_TAGS and stop(t, vr, n),
+                            force=False)
+    while True:
+        skip_sequence(fp, ds)  # or, where it cannot, parsed by read_dataset below
+        known = len(stopped)
+        rest = read_dataset(fp, False, True, stop_when=stop, parent_encoding=ds._character_set)
+        ds._dict.update(rest._dict)  # raw, as read_partial leaves them (not via __setitem__)
+        if len(stopped) == known:  # at the pixel data or the end of the file
+            return ds
 
 
 # -- headers kept from the scan for the read ------------------------------------------
@@ -311,6 +343,8 @@ class _FileInfo:
     builder: _JsonBuilder
     warnings: list[str] = field(default_factory=list)
     mosaic: tuple[int, int, int] | None = None  # (tiles per side, tile rows, tile columns)
+    _groups: FrameGroups | None = field(default=None, repr=False)
+    _shared: Any = field(default=False, repr=False)  # False: not read yet
 
     @property
     def charset(self) -> str:
@@ -328,10 +362,24 @@ class _FileInfo:
         """Return the DICOM JSON model of one top-level element, or None if absent or invalid."""
         return self.builder.element(self.ds, tag, self.charset)
 
+    def frame_groups(self) -> FrameGroups:
+        """The per-frame functional groups (enhanced files), read once."""
+        if self._groups is None:
+            self._groups = read_frame_groups(self.ds, self.builder, self.charset)
+        return self._groups
+
+    def shared_group(self) -> Any:
+        """The SharedFunctionalGroupsSequence item (a view or Dataset), or None."""
+        if self._shared is False:
+            self._shared = read_shared_group(self.ds, self.charset, self.builder)
+        return self._shared
+
     def perframe(self, index: int) -> dict[str, Any] | None:
         """Return the JSON model of one item of PerFrameFunctionalGroupsSequence."""
-        items = _get(self.ds, "PerFrameFunctionalGroupsSequence") or []
-        return self.builder.dataset(items[index], self.charset) if index < len(items) else None
+        if not self.enhanced:
+            return None
+        items = self.frame_groups().json
+        return items[index] if index < len(items) else None
 
 
 def _load_file(path: str, builder: _JsonBuilder) -> _FileInfo:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from dataclasses import dataclass
 from typing import Any
+
+from .walk import _Item, walked_items
 
 #: Binary values longer than this are summarised in the JSON metadata (bytes).
 BULK_DATA_THRESHOLD = 1024
@@ -53,12 +56,16 @@ class _JsonBuilder:
 
     Enhanced multi-frame headers repeat the same functional-group items for
     hundreds of frames; memoising on (character set, tag, VR, raw bytes)
-    makes their per-frame JSON cheap. Elements that cannot be converted are
-    left out and their tags collected in ``dropped``.
+    makes their per-frame JSON cheap. Sequences kept raw when the header was
+    read (``walk``) are converted from their walked bytes, each distinct item
+    and value once. Elements that cannot be converted are left out and their
+    tags collected in ``dropped``.
     """
 
     def __init__(self) -> None:
         self._memo: dict[Any, dict[str, Any]] = {}
+        self._items: dict[Any, dict[str, Any]] = {}  # (charset, walked item bytes) -> JSON
+        self._elements: dict[Any, Any] = {}  # (charset, (tag, VR, bytes)) -> pydicom DataElement
         self.dropped: set[str] = set()
 
     def dataset(self, ds: Any, charset: str) -> dict[str, Any]:
@@ -83,6 +90,14 @@ class _JsonBuilder:
         hit = self._memo.get(sig) if sig is not None else None
         if hit is not None:
             return hit
+        walked = walked_items(raw)
+        if walked is not None:  # a sequence kept raw when the header was read
+            src = Encoded(raw.value, walked[1], charset, ds.original_character_set or ds._character_set)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = {"vr": "SQ", "Value": [self.item_json(item, src) for item in walked[0]]}
+            self._memo[sig] = out
+            return out
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -103,6 +118,86 @@ class _JsonBuilder:
         if sig is not None:
             self._memo[sig] = out
         return out
+
+    def item_json(self, item: _Item, src: Encoded) -> dict[str, Any]:
+        """The JSON model of a walked item: what :meth:`dataset` gives for the Dataset
+        pydicom reads from the same bytes (memoised on them). The caller silences
+        pydicom's warnings (:meth:`element` does it per element)."""
+        key = (src.charset, src.bytes(item[0], item[1]))
+        hit = self._items.get(key)
+        if hit is None:
+            hit = self._items[key] = self.elements_json(item[2], src)
+        return hit
+
+    def elements_json(self, elements: dict[int, tuple[Any, ...]], src: Encoded) -> dict[str, Any]:
+        """The JSON model of a walked item's elements (:meth:`item_json` without the memo)."""
+        out: dict[str, Any] = {}
+        memo, buf, base, charset = self._memo, src.buf, src.base, src.charset
+        for tag, node in elements.items():
+            key = _KEYS.get(tag) or _KEYS.setdefault(tag, f"{tag:08X}")
+            if key in _NON_METADATA_TAGS:
+                continue
+            if node[0] == "SQ":
+                out[key] = {"vr": "SQ", "Value": [self.item_json(i, src) for i in node[1]]}
+                continue
+            vr, start, stop = node
+            sig = (charset, (tag, vr, buf[start - base : stop - base]))
+            value = memo.get(sig) or self._leaf_json(sig, src.encodings)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def _leaf_json(self, sig: Any, encodings: Any) -> dict[str, Any] | None:
+        try:
+            out = self.data_element(sig, encodings).to_json_dict(
+                bulk_data_element_handler=_bulk_uri, bulk_data_threshold=BULK_DATA_THRESHOLD
+            )
+            if not _plain(out):
+                json.dumps(out)  # raises for what the JSON metadata cannot hold
+        except Exception:  # noqa: BLE001 - any bad value: left out, named in dropped
+            self.dropped.add(f"{sig[1][0]:08X}")
+            return None
+        self._memo[sig] = out
+        return out
+
+    def data_element(self, sig: Any, encodings: Any) -> Any:
+        """pydicom's DataElement for the explicit VR little endian element (no sequence)
+        ``sig`` = (charset, (tag, VR, encoded value)), converted once per distinct value
+        (raises as pydicom does)."""
+        elem = self._elements.get(sig)
+        if elem is None:
+            from pydicom.dataelem import RawDataElement, convert_raw_data_element
+            from pydicom.tag import BaseTag
+
+            tag, vr, value = sig[1]
+            raw = RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True)
+            elem = self._elements[sig] = convert_raw_data_element(raw, encoding=encodings)
+        return elem
+
+
+_KEYS: dict[int, str] = {}  # tag -> "GGGGEEEE"
+_SCALARS = (str, int, float, type(None))
+
+
+def _plain(element: dict[str, Any]) -> bool:
+    """True when json.dumps surely accepts ``element`` (a leaf's JSON model): its values
+    are strings, numbers or nulls (the common case, checked faster than by dumping)."""
+    value = element.get("Value", ())
+    return type(value) is list and all(isinstance(v, _SCALARS) for v in value)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Where the bytes of walked items are (positions count from ``base``) and how
+    their text is decoded (``encodings``: pydicom's, from ``charset``)."""
+
+    buf: bytes
+    base: int
+    charset: str
+    encodings: Any
+
+    def bytes(self, start: int, stop: int) -> bytes:
+        return self.buf[start - self.base : stop - self.base]
 
 
 def _memo_key(charset: str, raw: Any) -> Any:

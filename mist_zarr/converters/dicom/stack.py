@@ -147,7 +147,7 @@ def _plan_spatial(
     lead = tuple(n for n in (n_t, n_z) if n > 1)
     dims = tuple(d for d, n in (("t", n_t), ("z", n_z)) if n > 1) + ("y", "x")
     spatial = {"z": layout.spacing, "y": spacing[0], "x": spacing[1]}
-    step_t, note_t = _time_step(files[frames[0].file].ds) if n_t > 1 else (0.0, None)
+    step_t, note_t = _time_step(files[frames[0].file]) if n_t > 1 else (0.0, None)
     if note_t:
         notes.append(note_t)
     values = tuple(step_t if d == "t" else spatial[d] for d in dims)
@@ -191,16 +191,12 @@ def _check_time_order(frames: list[_Frame], clusters: list[list[int]], label: st
     return "time order from TriggerTime / DimensionIndexValues / InstanceNumber (no per-volume identifier)"
 
 
-def _time_step(ds: Any) -> tuple[float, str | None]:
+def _time_step(info: _FileInfo) -> tuple[float, str | None]:
+    ds = info.ds
     tr = _float(ds, "RepetitionTime")
     if tr is None:
-        shared = _get(ds, "SharedFunctionalGroupsSequence")
-        item = _fg(
-            shared[0] if shared else None,
-            None,
-            "MRTimingAndRelatedParametersSequence",
-            "RepetitionTime",
-        )
+        item = _fg(info.shared_group(), None, "MRTimingAndRelatedParametersSequence",
+                   "RepetitionTime")
         tr = _float(item, "RepetitionTime")
     if tr:
         return tr / 1000.0, "t spacing is RepetitionTime"
@@ -255,7 +251,7 @@ def _plan_frames(frames: list[_Frame], files: list[_FileInfo], label: str) -> _P
         axis = "t" if frames[0].temporal_axis else "frame"
         lead, dims = (n,), (axis, "y", "x")
         if axis == "t":
-            step, note = _time_step(ds)
+            step, note = _time_step(info)
             notes.append(note or "")
         else:
             step = 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -26,15 +27,19 @@ from .record import _base_group, _Frame
 
 def _expand_enhanced(fi: int, info: _FileInfo) -> list[_Frame]:
     ds = info.ds
-    shared_seq = _get(ds, "SharedFunctionalGroupsSequence")
-    shared = shared_seq[0] if shared_seq else None
-    perframe = ds.PerFrameFunctionalGroupsSequence
+    shared = info.shared_group()
+    perframe = info.frame_groups().items
     if len(perframe) != info.n_frames:
         raise DicomError(
             f"{info.path}: PerFrameFunctionalGroupsSequence has {len(perframe)} items for {info.n_frames} frames"
         )
     acq = _int(ds, "AcquisitionNumber")
     instance = _int(ds, "InstanceNumber")
+    # what every frame falls back to, read once per file
+    file_iop = _floats(ds, "ImageOrientationPatient", 6)
+    file_spacing = _pixel_spacing(ds)
+    file_type = _frame_type(shared) or _strings(ds, "ImageType")
+    base = _base_group(info, info.rows, info.cols)
     frames = []
     tpis = []
     for k, item in enumerate(perframe):
@@ -42,12 +47,10 @@ def _expand_enhanced(fi: int, info: _FileInfo) -> list[_Frame]:
         ori_item = _fg(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
         meas = _fg(item, shared, "PixelMeasuresSequence", "PixelSpacing")
         ipp = _floats(pos_item, "ImagePositionPatient", 3)
-        iop = _floats(ori_item, "ImageOrientationPatient", 6) or _floats(
-            ds, "ImageOrientationPatient", 6
-        )
+        iop = _floats(ori_item, "ImageOrientationPatient", 6) or file_iop
         spacing, note = _pixel_spacing(meas)
         if spacing is None:
-            spacing, note = _pixel_spacing(ds)
+            spacing, note = file_spacing
         thick_item = _fg(item, shared, "PixelMeasuresSequence", "SliceThickness")
         between_item = _fg(item, shared, "PixelMeasuresSequence", "SpacingBetweenSlices")
         thickness = _float(thick_item, "SliceThickness") or _float(
@@ -58,9 +61,9 @@ def _expand_enhanced(fi: int, info: _FileInfo) -> list[_Frame]:
         tpi = _int(content, "TemporalPositionIndex")
         tpis.append(tpi)
         div = tuple(int(v) for v in _multi(_get(content, "DimensionIndexValues")))
-        frame_type = _frame_type(item) or _frame_type(shared) or _strings(ds, "ImageType")
+        frame_type = _frame_type(item) or file_type
         echo_item = _fg(item, shared, "MREchoSequence", "EffectiveEchoTime")
-        group = _base_group(info, info.rows, info.cols) + [
+        group = base + [
             ("type", frame_type),
             ("echo", _round(_float(echo_item, "EffectiveEchoTime"), 3)),
             ("stack", _text(content, "StackID")),
@@ -95,7 +98,7 @@ def _expand_enhanced(fi: int, info: _FileInfo) -> list[_Frame]:
                     ),
                     (k,),
                     (None, None),
-                    iop=iop or _floats(ds, "ImageOrientationPatient", 6),
+                    iop=iop,
                     pixel_spacing=spacing,
                     spacing_note=note,
                     thickness=thickness,
@@ -108,9 +111,20 @@ def _expand_enhanced(fi: int, info: _FileInfo) -> list[_Frame]:
 
 
 def _frame_type(item: Any) -> tuple[str, ...]:
+    """FrameType of the first (in tag order) non-empty ...FrameTypeSequence of a functional group."""
     if item is None:
         return ()
-    for elem in item:
-        if elem.VR == "SQ" and elem.keyword.endswith("FrameTypeSequence") and elem.value:
-            return _strings(elem.value[0], "FrameType")
+    for keyword in _frame_type_sequences():
+        seq = _get(item, keyword)
+        if seq:
+            return _strings(seq[0], "FrameType")
     return ()
+
+
+@functools.cache
+def _frame_type_sequences() -> tuple[str, ...]:
+    """Keywords of the dictionary's ...FrameTypeSequence attributes (MR, CT, PET ...), in tag order."""
+    from pydicom.datadict import DicomDictionary
+
+    return tuple(entry[4] for _, entry in sorted(DicomDictionary.items())
+                 if entry[0] == "SQ" and entry[4].endswith("FrameTypeSequence"))

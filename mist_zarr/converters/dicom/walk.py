@@ -1,0 +1,194 @@
+"""Explicit VR little endian sequences walked over their element headers, not parsed.
+
+pydicom reads every element of a sequence into its own Dataset when the
+header is read: most of the header read of an enhanced multi-frame file,
+whose functional-group sequences hold a few dozen elements per frame. The
+walker here only finds where each item and element lies, so that the
+sequence can be kept as one raw element (:func:`skip_sequence`) and each
+distinct value in it converted by pydicom once, when it is needed (see
+``jsonmodel`` and ``functional``). The scan's walk travels with the value
+(:class:`_Walked`): the read does not walk it again.
+
+It models exactly what pydicom's reader does with well-formed explicit VR
+little endian data; for anything else (an unknown VR, where pydicom switches
+to implicit VR; VR UN, whose VR pydicom infers from context; undefined-length
+values that are no sequence; a character set inside the sequence; lengths
+that disagree with delimiters; data that ends early) it raises
+:class:`_Unsupported` and the sequence is left to pydicom.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+_UNDEFINED = 0xFFFFFFFF
+_HEAD = struct.Struct("<HH2sH")
+_ITEM_HEAD = struct.Struct("<HHL")
+_LENGTH32 = struct.Struct("<L")
+
+
+class _Unsupported(Exception):
+    """An encoding the walker leaves to pydicom."""
+
+
+def _vr_table() -> dict[bytes, tuple[str, bool]]:
+    """Encoded VR -> (VR, has a 4-byte length), for the VRs the walker reads (not UN)."""
+    from pydicom.filereader import ENCODED_VR
+    from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+
+    return {v: (v.decode(), v.decode() in EXPLICIT_VR_LENGTH_32)
+            for v in ENCODED_VR if len(v) == 2 and v != b"UN"}
+
+
+_VRS: dict[bytes, tuple[str, bool]] = {}
+
+# A walked item is (start, stop, elements): the byte span of its value and
+# {tag: node} in file order (a repeated tag keeps its first place and last
+# value, as in pydicom's Dataset); a node is ("SQ", [items]) or (VR, start, stop).
+_Item = tuple[int, int, dict[int, tuple[Any, ...]]]
+
+
+def _sequence(buf: Any, pos: int, end: int | None) -> tuple[list[_Item], int]:
+    """The items of a sequence value at ``pos``, to ``end`` (defined length) or through
+    its delimiter; returns them and the position after the value."""
+    items: list[_Item] = []
+    unpack = _ITEM_HEAD.unpack_from
+    while end is None or pos < end:
+        group, element, length = unpack(buf, pos)
+        pos += 8
+        if group != 0xFFFE or element != 0xE000:
+            if group == 0xFFFE and element == 0xE0DD and end is None:
+                return items, pos
+            raise _Unsupported(f"({group:04X},{element:04X}) where an item was expected")
+        if length == _UNDEFINED:
+            elements, after = _dataset(buf, pos, None)
+            items.append((pos, after - 8, elements))
+            pos = after
+        else:
+            elements, _ = _dataset(buf, pos, pos + length)
+            items.append((pos, pos + length, elements))
+            pos += length
+    if pos != end:
+        raise _Unsupported("items overrun their sequence's length")
+    return items, pos
+
+
+def _dataset(buf: Any, pos: int, end: int | None) -> tuple[dict[int, tuple[Any, ...]], int]:
+    """The elements of an item value at ``pos``, to ``end`` or through its delimiter."""
+    elements: dict[int, tuple[Any, ...]] = {}
+    unpack, unpack32, vrs = _HEAD.unpack_from, _LENGTH32.unpack_from, _VRS
+    while end is None or pos < end:
+        group, element, vr, length = unpack(buf, pos)
+        name = vrs.get(vr)
+        # pydicom switches to implicit VR on an unknown VR, infers UN, and changes
+        # the character set within the item: left to it
+        if name is None or group == 0xFFFE or (group == 0x0008 and element == 0x0005):
+            if group == 0xFFFE and element == 0xE00D and end is None:
+                return elements, pos + 8
+            raise _Unsupported(f"element ({group:04X},{element:04X}) VR {vr!r}")
+        if name[1]:  # a 4-byte length
+            length = unpack32(buf, pos + 8)[0]
+            pos += 12
+        else:
+            pos += 8
+        if name[0] == "SQ":
+            items, pos = _sequence(buf, pos, None if length == _UNDEFINED else pos + length)
+            elements[group << 16 | element] = ("SQ", items)
+        elif length == _UNDEFINED:
+            raise _Unsupported(f"undefined length {vr!r} element ({group:04X},{element:04X})")
+        else:
+            elements[group << 16 | element] = (name[0], pos, pos + length)
+            pos += length
+    if pos != end:
+        raise _Unsupported("elements overrun their item's length")
+    return elements, pos
+
+
+class _Short(_Unsupported):
+    """The data walked ends before the sequence does."""
+
+
+def _walk(buf: Any, pos: int, end: int | None) -> tuple[list[_Item], int]:
+    """:func:`_sequence`, raising _Unsupported for everything it does not model."""
+    global _VRS
+    if not _VRS:
+        _VRS = _vr_table()
+    try:
+        items, after = _sequence(buf, pos, end)
+    except struct.error as exc:
+        raise _Short(str(exc)) from None
+    except RecursionError as exc:
+        raise _Unsupported(str(exc)) from None
+    if after > len(buf):
+        raise _Short("the sequence's values run past the end of the data")
+    return items, after
+
+
+class _Walked(bytes):
+    """A sequence value that carries the scan's walk of it (``items``, at offsets from
+    ``base``), so that the read does not walk it again."""
+
+    items: list[_Item]
+    base: int
+
+
+_FIRST_READ = 1 << 18  # bytes; grown x4 while the sequence runs past them
+
+
+def skip_sequence(fp: Any, ds: Any) -> bool:
+    """Keep the sequence element at ``fp`` as one raw element of ``ds`` (its value a
+    :class:`_Walked`) and leave ``fp`` after it; False (``fp`` unmoved) when pydicom
+    must parse it.
+
+    ``fp`` is a file positioned at the element's header, in an explicit VR little
+    endian dataset whose elements up to here are in ``ds``.
+    """
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import BaseTag
+
+    start = fp.tell()
+    want = _FIRST_READ
+    while True:
+        buf = fp.read(want)  # walked in memory: struct reads from bytes are the fastest
+        fp.seek(start)
+        if len(buf) < 12:
+            return False
+        group, element, vr, _ = _HEAD.unpack_from(buf, 0)
+        if vr != b"SQ":
+            return False
+        length = _LENGTH32.unpack_from(buf, 8)[0]
+        undefined = length == _UNDEFINED
+        try:
+            items, after = _walk(buf, 12, None if undefined else 12 + length)
+            break
+        except _Short:
+            if len(buf) < want:  # the file ends inside the sequence: pydicom says how
+                return False
+            want *= 4
+        except _Unsupported:
+            return False
+    value = _Walked(buf[12 : after - 8 if undefined else after])
+    value.items, value.base = items, 12
+    tag = group << 16 | element
+    # pydicom parses a raw SQ value on first access (values.convert_SQ): every other
+    # reader of the header still finds the sequence
+    ds[tag] = RawDataElement(BaseTag(tag), "SQ", length, value, start + 12, False, True, True,
+                             undefined)
+    fp.seek(start + after)
+    return True
+
+
+def walked_items(raw: Any) -> tuple[list[_Item], int] | None:
+    """The walked items of a raw explicit VR little endian sequence element and the offset
+    their positions count from, or None when pydicom must parse it."""
+    value = getattr(raw, "value", None)
+    if (not isinstance(value, bytes) or getattr(raw, "VR", None) != "SQ"
+            or raw.is_implicit_VR or not raw.is_little_endian):
+        return None
+    if isinstance(value, _Walked):
+        return value.items, value.base
+    try:
+        return _walk(value, 0, len(value))[0], 0
+    except _Unsupported:
+        return None
