@@ -227,7 +227,8 @@ def _pixel_header(info: _FileInfo, builder: _JsonBuilder) -> _FileInfo:
     header = copy.copy(info.ds)
     object.__setattr__(header, "_dict", {tag: elem for tag, elem in info.ds._dict.items()
                                          if tag >> 16 in (0x0028, 0x7FE0)})
-    return replace(info, ds=header, signature={}, builder=builder, warnings=[])
+    return replace(info, ds=header, signature={}, builder=builder, warnings=[], _groups=None,
+                   _shared=False)  # (the functional-group caches of enhanced files: not needed)
 
 
 def _read_frames(infos: list[_FileInfo], frames: list[int], inner: tuple[int, ...],
