@@ -120,12 +120,14 @@ class WorkerDied(RuntimeError):
 
 
 class PartPool:
-    """``workers`` local processes for parts, started on demand (or ahead with :meth:`start`).
+    """``workers`` lanes for parts, started on demand (or ahead with :meth:`start`): a
+    thread of this process (idle while its parts are written) and ``workers - 1``
+    worker processes.
 
-    Each is a ``python -c`` child (as :func:`mist_zarr.verify` uses), not a
-    :mod:`multiprocessing` one, so the caller's script is never re-run and
-    needs no ``if __name__ == "__main__"`` guard. A part whose process dies
-    fails with :class:`WorkerDied`; the next part gets a new process.
+    Each process is a ``python -c`` child (as :func:`mist_zarr.verify` uses),
+    not a :mod:`multiprocessing` one, so the caller's script is never re-run
+    and needs no ``if __name__ == "__main__"`` guard. A part whose process
+    dies fails with :class:`WorkerDied`; the next part gets a new process.
     """
 
     def __init__(self, workers: int) -> None:
@@ -138,12 +140,14 @@ class PartPool:
         """Start the processes now (they import the writer while this one reads)."""
         with self._lock:
             while len(self._threads) < self.workers:
-                thread = threading.Thread(target=self._serve, name="mist-part", daemon=True)
+                # lane 0 runs here: one process fewer to start (~1 s of CPU each)
+                thread = threading.Thread(target=self._serve, args=(len(self._threads) > 0,),
+                                          name="mist-part", daemon=True)
                 thread.start()
                 self._threads.append(thread)
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-        """Run ``fn(*args, **kwargs)`` in one of the processes (all of it must pickle)."""
+        """Run ``fn(*args, **kwargs)`` in one of the lanes (all of it must pickle)."""
         self.start()
         future: Future = Future()
         self._tasks.put((future, fn, args, kwargs))
@@ -158,20 +162,22 @@ class PartPool:
         for thread in threads:
             thread.join()
 
-    def _serve(self) -> None:
-        """One process's thread: start it, hand it the parts one by one."""
+    def _serve(self, process: bool) -> None:
+        """One lane: run the parts here, or start a process and hand it the parts one by one."""
         worker: _Worker | None = None
+        failed: BaseException | None = None
         try:
-            worker = _Worker()
+            worker = _Worker() if process else None
         except OSError as exc:
-            failed: BaseException | None = WorkerDied(f"cannot start a worker: {exc}")
-        else:
-            failed = None
+            failed = WorkerDied(f"cannot start a worker: {exc}")
         while (item := self._tasks.get()) is not None:
             future, fn, args, kwargs = item
             if not future.set_running_or_notify_cancel():
                 continue
             try:
+                if not process:
+                    future.set_result(fn(*args, **kwargs))
+                    continue
                 if worker is None:
                     if failed is not None:
                         raise failed
