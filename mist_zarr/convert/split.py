@@ -13,8 +13,8 @@ scratch folder, which is removed; an object-store image keeps no complete flag).
 
 Parts run on a dask cluster (``scheduler=``, or the cluster of a many-unit
 run) or, for ``workers=N`` on a single large series, on :class:`PartPool`:
-``N`` plain ``python -c`` processes that import the writer while the
-coordinator reads the series. A dask ``LocalCluster`` costs seconds to start
+a thread of the coordinator and ``N - 1`` plain ``python -c`` processes
+that import the writer while the coordinator reads the series. A dask ``LocalCluster`` costs seconds to start
 on a small machine, which is most of what splitting one series saves.
 """
 
