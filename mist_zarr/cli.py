@@ -98,6 +98,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                      skip_existing=args.skip_existing, alpha=args.alpha, quantize=args.quantize,
                      threads=args.threads, workers=args.workers, scheduler=args.scheduler,
                      batch_bytes=int(args.batch_mb * 2**20) if args.batch_mb > 0 else None,
+                     split_bytes=int(args.split_mb * 2**20) if args.split_mb > 0 else None,
                      progress=not args.quiet, labels=args.labels)
     print(report.summary())
     if args.report:
@@ -277,11 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="encoder threads per image (default: all cores; 1 with --workers)")
     p.add_argument("--workers", type=int,
-                   help="convert series in parallel on a local dask cluster of N processes")
+                   help="convert series in parallel on a local dask cluster of N processes; "
+                        "a series larger than --split-mb is written in slice ranges by N "
+                        "processes")
     p.add_argument("--batch-mb", type=float, default=256,
                    help="read and write DICOM stacks larger than this in slice batches of at most "
                         "this size, bounding memory per worker; 0 reads every image whole "
                         "(default: %(default)s)")
+    p.add_argument("--split-mb", type=float, default=256,
+                   help="with --workers or --scheduler, write a DICOM stack larger than this in "
+                        "slice ranges by several workers; 0 never splits (default: %(default)s)")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="use an existing dask.distributed scheduler (e.g. tcp://host:8786)")
     p.add_argument("--report", metavar="FILE", help="also write the report as JSON")

@@ -1,4 +1,13 @@
-"""Write an image as a mist-zarr group: HTJ2K chunks plus the prefix index."""
+"""Write an image as a mist-zarr group: HTJ2K chunks plus the prefix index.
+
+:func:`write_image` writes one image in one call. The same steps are public
+for an image written in parts (slice ranges, possibly by different
+processes): :func:`plan_image` decides everything once (value mapping,
+levels, chunks, write id, documents), :func:`begin_image` creates the
+incomplete group, :func:`write_part` writes the chunks of a range of leading
+indices and returns its index and checksum rows, :func:`finish_image` writes
+the index, checksums and slice metadata and, last, the completion mark.
+"""
 
 from __future__ import annotations
 
@@ -42,10 +51,11 @@ from .layout import (
     tile_shape,
 )
 from .ngff import SMALL_CODECS, array_doc, chunk_key, group_doc
-from .storage import join_key, open_group, supports_sync_io
+from .storage import get_json, join_key, open_group, resolve, supports_sync_io
 from .values import choose_mapping
 
-__all__ = ["write_image"]
+__all__ = ["ImagePlan", "PartRows", "begin_image", "finish_image", "plan_image", "write_image",
+           "write_part"]
 
 StoreLike = Any  # str | os.PathLike | zarr.abc.store.Store | zarr.storage.StorePath
 
@@ -136,7 +146,7 @@ def _describe(data: Any, *, dims, spacing, affine, source_format, metadata, alph
 class _Nodes:
     """The image group being written: its store and key prefix."""
 
-    group: zarr.Group
+    group: zarr.Group | None  # None in a part: parts only write chunks
     store: Any
     prefix: str
     direct: bool  # the store has zarr's synchronous surface (local, memory)
@@ -194,6 +204,148 @@ def _create_nodes(dest: StoreLike, info: ImageInfo, index: np.ndarray, checksum:
     return nodes
 
 
+@dataclass(frozen=True)
+class ImagePlan:
+    """An image decided before any chunk is written: its description and the bulky
+    metadata stored apart (as ``slice_metadata``). Every part of the image uses it."""
+
+    info: ImageInfo
+    bulky: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PartRows:
+    """What :func:`write_part` wrote: index and checksum rows of leading indices
+    ``start:stop`` (the first axis of the chunk grid)."""
+
+    start: int
+    stop: int
+    index: np.ndarray
+    checksum: np.ndarray
+
+
+def plan_image(
+    data: Any,
+    *,
+    dims: Sequence[str] | None = None,
+    spacing: Sequence[float] | None = None,
+    affine: Any = None,
+    source_format: str = "array",
+    metadata: Mapping[str, Any] | None = None,
+    alpha: int = DEFAULT_ALPHA,
+    levels: int | None = None,
+    tile: int | None = None,
+    quantize: str | np.dtype | None = None,
+    name: str = "input",
+) -> ImagePlan:
+    """Check the request and decide the image (arguments as :func:`write_image`'s)."""
+    if not hasattr(data, "ndim"):
+        data = np.asarray(data)
+    info, bulky = _describe(data, dims=dims, spacing=spacing, affine=affine,
+                            source_format=source_format, metadata=metadata, alpha=alpha,
+                            levels=levels, tile=tile, quantize=quantize, name=name)
+    return ImagePlan(info, bulky)
+
+
+def _empty_rows(info: ImageInfo) -> tuple[np.ndarray, np.ndarray]:
+    grid = info.grid
+    return np.zeros(grid + (info.levels + 1,), np.uint64), np.zeros(grid, np.uint32)
+
+
+def begin_image(dest: StoreLike, plan: ImagePlan, *, overwrite: bool = False,
+                storage_options: Mapping[str, Any] | None = None) -> None:
+    """Create the image group at ``dest``, not yet complete, with its arrays' documents."""
+    index, checksum = _empty_rows(plan.info)
+    _create_nodes(dest, plan.info, index, checksum, overwrite=overwrite,
+                  storage_options=storage_options)
+
+
+def _open_part(dest: StoreLike, info: ImageInfo,
+               storage_options: Mapping[str, Any] | None) -> _Nodes:
+    """The group :func:`begin_image` created for this very write (checked by write id)."""
+    store, prefix = resolve(dest, storage_options, read_only=False)
+    attrs = (get_json(store, join_key(prefix, "zarr.json")) or {}).get("attributes", {})
+    found = attrs.get(ATTR, {})
+    if found.get("write_id") != info.write_id or found.get("complete"):
+        state = "complete" if found.get("complete") else f"write id {found.get('write_id')!r}"
+        raise ValueError(f"{dest}: not the image being written (write id "
+                         f"{info.write_id!r}; found {state if found else 'no mist-zarr image'})")
+    return _Nodes(None, store, prefix, supports_sync_io(store))
+
+
+class _Shifted:
+    """A part's samples, presented to ``_blocks`` at its offset along the first axis."""
+
+    def __init__(self, data: Any, start: int) -> None:
+        self.data, self.start = data, start
+
+    def iter_batches(self) -> Iterator[tuple[int, np.ndarray]]:
+        for offset, block in _blocks(self.data, 1):
+            yield self.start + offset[0], block
+            del block
+
+
+def write_part(dest: StoreLike, data: Any, info: ImageInfo, start: int, *,
+               threads: int | None = None, write_empty_chunks: bool = False,
+               storage_options: Mapping[str, Any] | None = None) -> PartRows:
+    """Write the chunks of leading indices ``start:start + len(data)`` into the image
+    :func:`begin_image` created at ``dest``; return their index and checksum rows.
+
+    ``data`` holds those entries of the first axis only (numpy, dask or
+    LazyPlanes). Rewriting a part writes the same chunks again.
+    """
+    if not hasattr(data, "ndim"):
+        data = np.asarray(data)
+    stop = start + int(data.shape[0])
+    if tuple(data.shape[1:]) != info.shape[1:] or not 0 <= start < stop <= info.shape[0]:
+        raise ValueError(f"{dest}: part [{start}, {stop}) of shape "
+                         f"{tuple(data.shape)} does not fit the image's {info.shape}")
+    if np.dtype(data.dtype) != info.dtype:
+        raise ValueError(f"{dest}: part [{start}, {stop}) is {data.dtype}, "
+                         f"the image holds {info.dtype}")
+    if plane_axes(info.dims)[0] == 0:
+        raise ValueError(f"{dest}: a 2-D image has no leading axis to split")
+    index, checksum = _empty_rows(info)
+    _write_chunks(lambda: _open_part(dest, info, storage_options), _Shifted(data, start), info,
+                  index, checksum, threads, write_empty_chunks)
+    return PartRows(start, stop, index[start:stop].copy(), checksum[start:stop].copy())
+
+
+def finish_image(dest: StoreLike, plan: ImagePlan, parts: Sequence[PartRows], *,
+                 storage_options: Mapping[str, Any] | None = None) -> ImageInfo:
+    """Write the index and checksums assembled from ``parts`` (which must cover the first
+    axis exactly once), the slice metadata, and last the group document marked complete."""
+    info = plan.info
+    index, checksum = _empty_rows(info)
+    covered = 0
+    for part in sorted(parts, key=lambda p: p.start):
+        if part.start != covered:
+            raise ValueError(f"{dest}: parts leave leading indices "
+                             f"[{covered}, {part.start}) unwritten or write them twice")
+        index[part.start : part.stop] = part.index
+        checksum[part.start : part.stop] = part.checksum
+        covered = part.stop
+    if covered != info.shape[0]:
+        raise ValueError(f"{dest}: parts end at {covered} of {info.shape[0]}")
+    group = open_group(dest, mode="r+", storage_options=storage_options)
+    store, prefix = group.store_path.store, group.store_path.path
+    return _finish(_Nodes(group, store, prefix, supports_sync_io(store)), plan, index, checksum)
+
+
+def _finish(nodes: _Nodes, plan: ImagePlan, index: np.ndarray,
+            checksum: np.ndarray) -> ImageInfo:
+    nodes.put_small(INDEX, index)
+    nodes.put_small(CHECKSUM, checksum)
+    if plan.bulky:
+        assert nodes.group is not None
+        blob = np.frombuffer(json.dumps(plan.bulky, separators=(",", ":")).encode(), np.uint8)
+        nodes.group.create_array(SLICE_METADATA, data=blob, chunks=blob.shape,
+                                 dimension_names=("json_byte",))
+    info = plan.info.completed()
+    nodes.finish(info)
+    return info
+
+
 def write_image(
     dest: StoreLike,
     data: Any,
@@ -228,27 +380,18 @@ def write_image(
     """
     if not hasattr(data, "ndim"):
         data = np.asarray(data)
-    info, bulky = _describe(data, dims=dims, spacing=spacing, affine=affine,
-                            source_format=source_format, metadata=metadata, alpha=alpha,
-                            levels=levels, tile=tile, quantize=quantize, name=str(dest))
-    n, grid = info.levels, info.grid
-    index = np.zeros(grid + (n + 1,), np.uint64)
-    checksum = np.zeros(grid, np.uint32)
+    plan = plan_image(data, dims=dims, spacing=spacing, affine=affine,
+                      source_format=source_format, metadata=metadata, alpha=alpha,
+                      levels=levels, tile=tile, quantize=quantize, name=str(dest))
+    info = plan.info
+    index, checksum = _empty_rows(info)
 
     def create() -> _Nodes:
         return _create_nodes(dest, info, index, checksum, overwrite=overwrite,
                              storage_options=storage_options)
 
     nodes = _write_chunks(create, data, info, index, checksum, threads, write_empty_chunks)
-    nodes.put_small(INDEX, index)
-    nodes.put_small(CHECKSUM, checksum)
-    if bulky:
-        blob = np.frombuffer(json.dumps(bulky, separators=(",", ":")).encode(), np.uint8)
-        nodes.group.create_array(SLICE_METADATA, data=blob, chunks=blob.shape,
-                                 dimension_names=("json_byte",))
-    info = info.completed()
-    nodes.finish(info)
-    return info
+    return _finish(nodes, plan, index, checksum)
 
 
 def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write_empty) -> _Nodes:

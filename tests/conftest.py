@@ -49,6 +49,31 @@ def ct_volume() -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
+def long_ct_series(tmp_path_factory: pytest.TempPathFactory):
+    """``make(slices)``: a folder holding one DICOM series of ``slices`` slices, the shared
+    CT's slices repeated with new SOPInstanceUIDs and positions continuing the spacing
+    (built by the conversion benchmark's own ``build_long``; one folder per size)."""
+    import importlib.util
+    import sys
+
+    data = shared("ct", "CRLM-CT-1004").parents[1]
+    spec = importlib.util.spec_from_file_location("_mist_bench_convert",
+                                                  REPO / "benchmarks" / "bench_convert.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # (its dataclasses look their module up)
+    spec.loader.exec_module(bench)
+    made: dict[int, Path] = {}
+
+    def make(slices: int) -> Path:
+        if slices not in made:
+            made[slices] = tmp_path_factory.mktemp("long-ct") / f"series-{slices}"
+            bench.build_long(data, slices, made[slices])
+        return made[slices]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def phantom() -> np.ndarray:
     from mist_zarr.phantom import ct_phantom
 

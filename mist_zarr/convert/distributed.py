@@ -6,13 +6,17 @@ mist_zarr: they take long to import and most conversions do not use them.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..converters.sources import Unit, label
 from ..errors import SourceIssue
 from .local import Collect
+from .split import estimated_bytes
 from .unit import Options, run_unit
 
 __all__ = ["CLUSTER_CONFIG", "run_distributed"]
@@ -55,11 +59,37 @@ def run_distributed(units: list[Unit], dest: Any, options: Options, workers: int
                                    dashboard_address=None)
         client = Client(cluster)
     try:
-        _submit_windowed(client, units, dest, options, collect)
+        big = [u for u in units if u.kind == "dicom" and options.split_bytes is not None
+               and estimated_bytes(u.files) > options.split_bytes]
+        rest = [u for u in units if all(u is not b for b in big)]
+        with ThreadPoolExecutor(1, thread_name_prefix="mist-split") as here:
+            # a large series is read here and written in parts by the cluster's
+            # workers, while they also convert the other units
+            split = _split_on(client, options)
+            started = [(u, here.submit(run_unit, u, dest, split[0], split[1])) for u in big]
+            if rest:
+                _submit_windowed(client, rest, dest, options, collect)
+            for unit, future in started:
+                try:
+                    collect(unit, future.result())
+                except Exception as exc:  # noqa: BLE001 - reported like a failed task
+                    collect(unit, ([], [SourceIssue(label(unit), f"failed: {exc!r}",
+                                                    key=unit.key)]))
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _split_on(client: Any, options: Options) -> tuple[Options, Any]:
+    """The options and ``submit`` for a series written in parts on the cluster: two parts
+    per worker thread."""
+    try:
+        threads = sum(client.nthreads().values())
+    except Exception:  # noqa: BLE001 - a scheduler that does not answer: two parts
+        threads = 1
+    return (dataclasses.replace(options, parts=max(2, 2 * threads)),
+            functools.partial(client.submit, pure=False))
 
 
 def _submit_windowed(client: Any, units: list[Unit], dest: Any, options: Options,

@@ -27,6 +27,7 @@ class SeriesResult:
     sources: int
     status: str = "converted"  # or "existing"
     warnings: list[str] = field(default_factory=list)
+    parts: int = 1  # slice ranges written by different workers (convert.split)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from .labels import _MASK_NAME
 from .local import run_local
 from .report import ConvertReport, SeriesResult, issue_json
 from .scratch import clean_scratch, local_root
+from .split import SPLIT_BYTES, PartPool, estimated_bytes
 from .root import open_root
 from .unit import Options, finished
 
@@ -49,6 +50,7 @@ def convert(
     progress: bool = False,
     storage_options: dict[str, Any] | None = None,
     labels: bool | str | None = None,
+    split_bytes: int | None = SPLIT_BYTES,
 ) -> ConvertReport:
     """Convert a file, folder or tree (or a list of them) into the dataset root ``dest``.
 
@@ -68,6 +70,12 @@ def convert(
     integer source, with a glob such as ``"*seg*"`` the files it matches) are
     stored with true labels at every level, beside the image on their grid
     (:mod:`mist_zarr.labels`); images are converted first so that masks find them.
+
+    With ``workers`` (or ``scheduler``) a DICOM series that decodes to more
+    than ``split_bytes`` is written in slice ranges by several workers into
+    the same image (:mod:`mist_zarr.convert.split`); ``None`` never splits.
+    A single such series with ``workers`` and a local ``dest`` runs on a
+    pool of local processes instead of a dask cluster (which starts slower).
     """
     if overwrite and skip_existing:
         raise ValueError("choose overwrite or skip_existing, not both")
@@ -89,17 +97,29 @@ def convert(
     # images before masks: a mask is aligned to, and linked with, an image already stored
     units.sort(key=lambda u: (u.kind != "dicom", _maybe_labels(u, labels)))
     report.problems += problems
+    pool = None
+    parts = 2 * (workers or 1)  # a few parts per worker: a slow one delays the image less
     if workers and not scheduler and len(units) <= 1:
         # A local cluster takes seconds to start (each process imports the whole
-        # stack); a single unit has nothing to share, so it runs here on all threads.
+        # stack); a single unit runs here on all threads, a large series in parts
+        # on a pool of local processes started now, while the series is read.
+        if workers > 1 and local is not None and split_bytes is not None and any(
+                u.kind == "dicom" and estimated_bytes(u.files) > split_bytes for u in units):
+            pool = PartPool(workers)
+            pool.start()
         workers = None
+    if (pool is not None or workers or scheduler) and split_bytes is not None:
+        # a series to split must be read lazily, so that each worker reads its own slices
+        batch_bytes = split_bytes if batch_bytes is None else min(batch_bytes, split_bytes)
     options = Options(overwrite, skip_existing, alpha, quantize, max_bytes, batch_bytes,
                       threads if not (workers or scheduler) else (threads or 1),
-                      uuid.uuid4().hex, storage_options, labels)
+                      uuid.uuid4().hex, storage_options, labels, split_bytes, parts)
     try:
-        _run(units, dest, options, workers, scheduler, report, progress)
+        _run(units, dest, options, workers, scheduler, report, progress, pool)
     finally:
         forget_headers()  # the scan's headers not read by now will not be
+        if pool is not None:
+            pool.close()
     if local is not None:  # scratch left by workers killed during this run
         clean_scratch(local)
     _update_catalog(root, report)
@@ -125,7 +145,8 @@ def _maybe_labels(unit: Unit, labels: bool | str | None) -> bool:
 
 
 def _run(units: list[Unit], dest: Any, options: Options, workers: int | None,
-         scheduler: str | None, report: ConvertReport, progress: bool) -> None:
+         scheduler: str | None, report: ConvertReport, progress: bool,
+         pool: PartPool | None = None) -> None:
     """Run the units on the chosen runner, adding their outcomes to ``report``."""
     bar = None
     if progress:  # tqdm only for a bar (20-30 ms to import, a monitor thread)
@@ -147,7 +168,7 @@ def _run(units: list[Unit], dest: Any, options: Options, workers: int | None,
     if workers or scheduler:
         run_distributed(units, dest, options, workers, scheduler, collect)
     else:
-        run_local(units, dest, options, collect)
+        run_local(units, dest, options, collect, pool.submit if pool is not None else None)
     if bar is not None:
         bar.close()
 

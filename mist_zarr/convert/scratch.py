@@ -13,6 +13,7 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,17 +88,19 @@ def make_scratch(root: Path) -> Path:
 
 
 def write_and_rename(root: Path, name: str, data: Any, kwargs: dict[str, Any],
-                     *, replace: bool) -> ImageInfo:
+                     *, replace: bool, write: Callable[..., ImageInfo] = write_image) -> ImageInfo:
     """Write into a private folder of the dataset, then rename it into place.
 
     Readers see the previous complete image or the new complete one, never a
     partial one; of two concurrent writers of the same image, the second
     finds it in place and, unless ``replace``, reports it as already there.
+    ``write`` is :func:`~mist_zarr.writer.write_image` or one taking its arguments
+    (the split writer).
     """
     scratch = make_scratch(root)
     target = root / name
     try:
-        info = write_image(scratch, data, **kwargs)
+        info = write(scratch, data, **kwargs)
         try:
             os.rename(scratch, target)
         except OSError:  # the target exists (a complete image, or an older partial one)

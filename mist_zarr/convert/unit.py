@@ -8,6 +8,7 @@ this one is written. The completion marker, written last, lets a rerun with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from ..labels import LabelInfo, is_label_group
 from .labels import mark_labels, write_label_image
 from .report import SeriesResult
 from .scratch import local_root, write_and_rename
+from .split import SPLIT_BYTES, Submit, part_ranges, splittable, write_split
 from ..storage import get_json, set_json
 from .root import open_root
 
@@ -45,6 +47,8 @@ class Options:
     run: str
     storage_options: dict[str, Any] | None
     labels: bool | str | None = None  # mark sources as label maps: all, or a file-name glob
+    split_bytes: int | None = SPLIT_BYTES  # larger images are written in parts, given workers
+    parts: int = 1  # parts per split image (a few per worker)
 
 
 @dataclass
@@ -57,15 +61,15 @@ class UnitRead:
     issue: SourceIssue | None = None
 
 
-def run_unit(unit: Unit, dest: Any, options: Options) -> tuple[list[SeriesResult],
-                                                                 list[SourceIssue]]:
+def run_unit(unit: Unit, dest: Any, options: Options, submit: Submit | None = None
+             ) -> tuple[list[SeriesResult], list[SourceIssue]]:
     """Convert one unit into the dataset ``dest`` (runs in-process or on a dask worker).
 
     Writes the unit's completion marker last, so an interrupted unit is
     redone by a rerun with ``skip_existing`` and a finished one is skipped
-    without reading its sources again.
+    without reading its sources again. ``submit``: see :func:`write_unit`.
     """
-    return write_unit(unit, dest, options, read_unit(unit, dest, options))
+    return write_unit(unit, dest, options, read_unit(unit, dest, options), submit)
 
 
 def _marker_key(root: zarr.Group, unit: Unit) -> str:
@@ -112,9 +116,12 @@ def read_unit(unit: Unit, dest: Any, options: Options) -> UnitRead:
         return UnitRead(issue=SourceIssue(label(unit), str(exc), key=unit.key))
 
 
-def write_unit(unit: Unit, dest: Any, options: Options,
-               read: UnitRead) -> tuple[list[SeriesResult], list[SourceIssue]]:
-    """The writing half of :func:`run_unit`, given what :func:`read_unit` returned."""
+def write_unit(unit: Unit, dest: Any, options: Options, read: UnitRead,
+               submit: Submit | None = None) -> tuple[list[SeriesResult], list[SourceIssue]]:
+    """The writing half of :func:`run_unit`, given what :func:`read_unit` returned.
+
+    With ``submit`` an image larger than ``options.split_bytes`` is written in
+    ``options.parts`` slice ranges submitted with it (:mod:`.split`)."""
     if read.issue is not None:
         return [], [read.issue]
     if read.finished is not None:
@@ -125,7 +132,7 @@ def write_unit(unit: Unit, dest: Any, options: Options,
         image.metadata["source_key"] = unit.key
         try:
             mark_labels(image, options.labels, unit.files[0])
-            results.append(_write_one(root, image.name, image, options))
+            results.append(_write_one(root, image.name, image, options, submit, unit.key))
         except (ValueError, TypeError, OSError) as exc:
             problems.append(SourceIssue(label(unit), f"{image.name}: {exc}", key=unit.key))
     if not problems:
@@ -146,7 +153,8 @@ def _existing(root: zarr.Group, path: str) -> ImageInfo | None:
     return ImageInfo.from_json(attrs, where=path)
 
 
-def _write_one(root: zarr.Group, name: str, image: SourceImage, options: Options) -> SeriesResult:
+def _write_one(root: zarr.Group, name: str, image: SourceImage, options: Options,
+               submit: Submit | None = None, source: str = "") -> SeriesResult:
     if image.labels:
         return _write_labels(root, name, image, options)
     bytes_in = sum(os.path.getsize(f) for f in image.source_files if os.path.exists(f))
@@ -168,19 +176,25 @@ def _write_one(root: zarr.Group, name: str, image: SourceImage, options: Options
     kwargs = dict(dims=image.dims, spacing=image.spacing, affine=image.affine,
                   source_format=image.source_format, metadata=metadata,
                   alpha=options.alpha, quantize=options.quantize, threads=options.threads)
+    write, parts = write_image, 1
+    if submit is not None and splittable(image.data, options.split_bytes):
+        parts = len(part_ranges(image.data.shape[0], options.parts))
+        write = functools.partial(write_split, submit=submit, parts=parts,
+                                  label=f"series {source or name}")
     local = local_root(root)
     if local is not None:
-        info = write_and_rename(local, name, image.data, kwargs, replace=options.overwrite)
+        info = write_and_rename(local, name, image.data, kwargs, replace=options.overwrite,
+                                write=write)
     else:
         # object stores have no rename: the image's "complete" flag, written
         # last, is what makes it visible to readers
-        info = write_image(
+        info = write(
             StorePath(root.store_path.store, f"{root.store_path.path}/{name}".strip("/")),
             image.data, overwrite=True, **kwargs)
     out = int(zarr.open_array(root.store_path.store, path=f"{root.store_path.path}/{name}/index"
                               .strip("/"), mode="r")[..., 0].sum())
     return SeriesResult(name, image.source_format, info.shape, info.dtype.name, bytes_in, out,
-                        len(image.source_files), warnings=list(image.warnings))
+                        len(image.source_files), warnings=list(image.warnings), parts=parts)
 
 
 def _write_labels(root: zarr.Group, name: str, image: SourceImage,

@@ -98,6 +98,22 @@ class LazyPlanes:
             yield start, block
             del block  # not held while the next batch is read
 
+    def part(self, start: int, stop: int) -> "LazyPlanes":
+        """Entries ``start:stop`` of the first axis, read in the same batches (cut at the ends).
+
+        A reader with a ``part`` method of its own (a DICOM stack's) makes the
+        part's reader, carrying only what those entries need (to be sent to
+        another process); any other reader is called with shifted bounds.
+        """
+        if not 0 <= start < stop <= self.shape[0]:
+            raise ValueError(f"part [{start}, {stop}) is outside the first axis of {self.shape}")
+        batches = [(max(a, start) - start, min(b, stop) - start)
+                   for a, b in self.batches if a < stop and b > start]
+        read = self.read.part(start, stop) if hasattr(self.read, "part") else \
+            _ShiftedRead(self.read, start)
+        return LazyPlanes((stop - start,) + self.shape[1:], self.dtype, batches, read,
+                          self.value_range)
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = np.empty(self.shape, self.dtype)
         for start, block in self.iter_batches():
@@ -106,6 +122,17 @@ class LazyPlanes:
 
     def __repr__(self) -> str:
         return f"LazyPlanes(shape={self.shape}, dtype={self.dtype}, batches={len(self.batches)})"
+
+
+@dataclass(frozen=True)
+class _ShiftedRead:
+    """``read`` of a part: the whole's reader with bounds shifted by ``start``."""
+
+    read: Any
+    start: int
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        return self.read(self.start + start, self.start + stop)
 
 
 def missing_dependency(package: str, extra: str | None = None) -> ImportError:

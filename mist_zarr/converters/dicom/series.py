@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,7 +15,7 @@ from .frames import _expand_frames, _Frame
 from .header import _FileInfo, _load_file
 from .jsonmodel import _json_value, _JsonBuilder
 from .naming import suggest_name
-from .pixels import _decode_file, _output_itemsize, _read_frames
+from .pixels import _decode_file, _FrameReader, _output_itemsize
 from .scan import PathLike, ScanResult, SeriesRef, _scan, scan_dicom
 from .stack import _group_frames, _Plan, _plan_stack
 from .tags import _keyword, _text
@@ -289,8 +288,8 @@ def _lazy_planes(stack: _Stack, files: list[_FileInfo], label: str, batch_bytes:
     inner = int(np.prod(lead[1:], dtype=np.int64))
     step = max(1, batch_bytes // max(1, inner * int(np.prod(plane_shape)) * dtype.itemsize))
     batches = [(a, min(a + step, lead[0])) for a in range(0, lead[0], step)]
-    reader = functools.partial(_read_frames, [files[f.file] for f in frames],
-                               [f.index for f in frames], lead[1:], label)
+    reader = _FrameReader([files[f.file] for f in frames], [f.index for f in frames], lead[1:],
+                          label)
     return LazyPlanes(lead + plane_shape, dtype, batches, reader, (lo, hi))
 
 
