@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from _machine import cpu_model, package_versions
+from bench_convert import find_dcm2niix
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("MIST_DATA", REPO.parent / "shared" / "data"))
@@ -76,18 +77,6 @@ def code_env(root: Path) -> dict[str, str]:
 
 def mist(*args: str) -> list[str]:
     return [sys.executable, "-c", MAIN, *args]
-
-
-def find_dcm2niix() -> str:
-    try:
-        import dcm2niix
-
-        return str(dcm2niix.bin)
-    except ImportError:
-        found = shutil.which("dcm2niix")
-        if not found:
-            raise SystemExit("dcm2niix not found (pip install dcm2niix)") from None
-        return found
 
 
 def run_dcm2niix(exe: str, src: Path, dest: Path, no_pigz: Path) -> float:

@@ -14,14 +14,10 @@ the prefix boundary of every level-k read but not the samples).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
-import signal
-import subprocess
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +30,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from .children import answer_channel, start_child, stop_child
 from .codestream import CodestreamError, is_boundary, parse_codestream, prefix_lengths
 from .converters.sources import iter_sources
 from .errors import SourceIssue, one_line
@@ -297,26 +294,15 @@ class _WorkerUnavailable(RuntimeError):
 
 
 class _Worker:
-    """One ``python -c`` child verifying images sent on stdin, one JSON line each.
-
-    The child answers on a duplicate of its stdout (its own stdout goes to
-    stderr, so a library's print cannot corrupt the protocol); stderr is kept
-    in a temporary file for the message when it dies.
-    """
+    """One ``python -c`` child (:mod:`mist_zarr.children`) verifying images sent on
+    stdin, one JSON line each."""
 
     def __init__(self) -> None:
-        # the mist_zarr this process runs, also when only its sys.path finds it
-        here = str(Path(__file__).resolve().parents[1])
-        code = (f"import sys\nif {here!r} not in sys.path: sys.path.insert(0, {here!r})\n"
-                "from mist_zarr.verify import _serve\n_serve()")
-        self.stderr = tempfile.TemporaryFile()
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=self.stderr, text=True)
+            self.child = start_child("mist_zarr.verify", "_serve", text=True)
         except OSError as exc:
-            self.stderr.close()
             raise _WorkerUnavailable(f"{sys.executable}: {exc}") from exc
+        self.proc = self.child.proc
         if self.proc.stdout.readline().strip() != _READY:
             raise _WorkerUnavailable(self.close())
 
@@ -346,25 +332,7 @@ class _Worker:
 
     def close(self) -> str:
         """Stop the child; return how it ended (exit status and the end of its stderr)."""
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()
-        try:
-            code = self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self.proc.stdout.close()
-        self.stderr.seek(0)
-        tail = self.stderr.read()[-2000:].decode(errors="replace").strip()
-        self.stderr.close()
-        if code < 0:
-            try:
-                status = f"killed by {signal.Signals(-code).name}"
-            except ValueError:
-                status = f"killed by signal {-code}"
-        else:
-            status = f"exit status {code}"
-        return f"{status}{': ' + tail.splitlines()[-1] if tail else ''}"
+        return stop_child(self.child)
 
 
 _READY = "mist-zarr verify worker ready"
@@ -372,8 +340,7 @@ _READY = "mist-zarr verify worker ready"
 
 def _serve() -> None:
     """The worker's loop (run by :class:`_Worker` in the child process)."""
-    answers = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
+    answers = answer_channel("w")
     answers.write(_READY + "\n")
     for line in sys.stdin:
         request = json.loads(line)

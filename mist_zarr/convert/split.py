@@ -20,21 +20,17 @@ on a small machine, which is most of what splitting one series saves.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import pickle
 import queue
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
-from pathlib import Path
 from typing import Any
 
+from ..children import answer_channel, start_child, stop_child
 from ..errors import ConversionError, one_line
 from ..format import ImageInfo
 from ..writer import begin_image, finish_image, plan_image, write_part
@@ -193,20 +189,12 @@ class PartPool:
 
 
 class _Worker:
-    """One ``python -c`` child running pickled calls sent on its stdin, one at a time.
-
-    It answers on a duplicate of its stdout (its own stdout goes to stderr, so
-    a library's print cannot corrupt the protocol); stderr is kept in a
-    temporary file for the message when it dies.
-    """
+    """One ``python -c`` child (:mod:`mist_zarr.children`) running pickled calls sent on
+    its stdin, one at a time."""
 
     def __init__(self) -> None:
-        here = str(Path(__file__).resolve().parents[2])  # the mist_zarr this process runs
-        code = (f"import sys\nif {here!r} not in sys.path: sys.path.insert(0, {here!r})\n"
-                "from mist_zarr.convert.split import _serve\n_serve()")
-        self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr)
+        self.child = start_child("mist_zarr.convert.split", "_serve", text=False)
+        self.proc = self.child.proc
         self.ready = False
 
     def run(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -224,20 +212,7 @@ class _Worker:
 
     def close(self) -> str:
         """Stop the child; return how it ended (exit status and the end of its stderr)."""
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()
-        try:
-            code = self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self.proc.stdout.close()
-        self.stderr.seek(0)
-        tail = self.stderr.read()[-2000:].decode(errors="replace").strip()
-        self.stderr.close()
-        status = (f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals()
-                  else f"exit status {code}")
-        return f"{status}{': ' + tail.splitlines()[-1] if tail else ''}"
+        return stop_child(self.child)
 
 
 _READY = "mist-zarr part worker ready"
@@ -245,8 +220,7 @@ _READY = "mist-zarr part worker ready"
 
 def _serve() -> None:
     """The child's loop (run by :class:`_Worker`): call, answer ``(ok, result or error)``."""
-    answers = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
+    answers = answer_channel("wb")
     for module in _PRELOAD:
         importlib.import_module(module)
     pickle.dump(_READY, answers)
