@@ -2,7 +2,7 @@
 
 Every command runs as a fresh ``python -c "from mist_zarr.cli import main; main()"``
 process (what the ``mist-zarr`` script does) with ``PYTHONPATH`` set to the
-old checkout (``--old``, default ``../main``) or to this repository, old and
+old checkout (``--old``, required) or to this repository, old and
 new alternating (the order swapped every round) for ``--repeat`` rounds:
 
 * ``--help``, ``info IMAGE``, ``ls DATASET``, ``ls DATASET --json``,
@@ -21,7 +21,8 @@ Then ``python -X importtime`` of each new command: the time spent importing
 
 Run from the repository root::
 
-    python benchmarks/bench_startup.py [--data DIR] [--old DIR] [--repeat 7]
+    git worktree add /tmp/old COMMIT
+    python benchmarks/bench_startup.py --old /tmp/old [--data DIR] [--repeat 7]
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from bench_convert import find_dcm2niix
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("MIST_DATA", REPO.parent / "shared" / "data"))
-DEFAULT_OLD = REPO.parent / "main"
 CT = "ct/CRLM-CT-1004"
 MAIN = "import sys; from mist_zarr.cli import main; sys.exit(main())"
 PACKAGES = ("zarr", "numpy", "imagecodecs", "pyarrow", "pandas", "pydicom", "dcm2niix")
@@ -111,8 +111,9 @@ def load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--old", type=Path, default=DEFAULT_OLD,
-                        help="checkout of the code to compare with (default: %(default)s)")
+    parser.add_argument("--old", type=Path, required=True,
+                        help="a checkout of the code to compare with, e.g. one made with "
+                             "`git worktree add /tmp/old COMMIT`")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
@@ -120,6 +121,8 @@ def main() -> None:
     if not src.is_dir():
         raise SystemExit(f"{src}: not found (the shared data; --data DIR)")
     work = Path(tempfile.mkdtemp(prefix="bench-startup-", dir=args.workdir))
+    if args.old.resolve() == REPO:
+        raise SystemExit(f"--old {args.old} is this checkout: give another one to compare with")
     old, new = code_env(args.old.resolve()), code_env(REPO)
     dcm2niix = find_dcm2niix()
     no_pigz = work / "empty-path"
