@@ -2,9 +2,9 @@
 
 The inputs are the shared Siemens XA30 enhanced MR series in
 ``mr/dcm_qa_xa30/In`` (each series folder, then the whole folder). The two
-contenders are two source trees of mist-zarr: ``--before`` (default: the main
-checkout at ``../main``; any folder holding a ``mist_zarr`` package, e.g. a
-``git archive`` of an older commit) and ``--after`` (default: this checkout).
+contenders are two source trees of mist-zarr: ``--before`` (required: any
+folder holding a ``mist_zarr`` package, e.g. a ``git worktree`` of an older
+commit) and ``--after`` (default: this checkout).
 Each round starts one fresh ``python -c`` worker per contender, with
 ``PYTHONPATH`` set to its tree, in alternating order (before first on even
 rounds, after first on odd ones). A worker imports mist_zarr and converts a
@@ -24,7 +24,7 @@ compared as a table: the script says whether they are identical.
 
 Run from the repository root::
 
-    python benchmarks/bench_enhanced.py [--data DIR] [--before DIR] [--after DIR]
+    python benchmarks/bench_enhanced.py --before DIR [--data DIR] [--after DIR]
                                         [--repeat 5] [--keep DIR]
 """
 
@@ -45,7 +45,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("MIST_DATA", REPO.parent / "shared" / "data"))
-DEFAULT_BEFORE = REPO.parent / "main"
 XA30 = "mr/dcm_qa_xa30/In"
 WARM_UP = "14_DWI_dir80_PA"
 MB = 1e6
@@ -122,7 +121,9 @@ def compare_outputs(a: Path, b: Path) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--before", type=Path, default=DEFAULT_BEFORE)
+    parser.add_argument("--before", type=Path, required=True,
+                        help="a source tree of the code to compare with, e.g. one made with "
+                             "`git worktree add /tmp/old COMMIT`")
     parser.add_argument("--after", type=Path, default=REPO)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--keep", type=Path, help="keep the last round's outputs here")
