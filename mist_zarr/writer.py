@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 import uuid
@@ -174,6 +175,7 @@ class _Nodes:
 
 
 _PROTOTYPE = default_buffer_prototype()
+_GROUP_BYTES = 256 << 10  # chunks smaller than this are encoded and stored in groups
 _SMALL_COMPRESSOR = numcodecs.Zstd(level=0, checksum=False)  # as ngff.SMALL_CODECS says
 
 
@@ -400,8 +402,9 @@ def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write
     The encoders only map, pad and encode. The checksum, the codestream's
     prefix lengths and the store write of each chunk run on a separate store
     stage (one thread for local and memory stores, a few for remote ones),
-    overlapped with the next encodes; at most two chunks per encoder wait
-    there, so memory stays bounded. Encoding starts before ``create`` makes
+    overlapped with the next encodes; at most two groups of chunks (one
+    chunk, or small chunks up to ``_GROUP_BYTES``) per encoder wait there, so
+    memory stays bounded. Encoding starts before ``create`` makes
     the zarr group and array documents (that round trip costs as much as
     encoding a few slices).
     """
@@ -419,7 +422,7 @@ def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write
     lock = threading.Lock()
     failures: list[BaseException] = []
     workers = threads or min(32, os.cpu_count() or 1)
-    waiting = threading.BoundedSemaphore(2 * workers)  # chunks handed to the store stage
+    waiting = threading.BoundedSemaphore(2 * workers)  # groups handed to the store stage
 
     def fail(exc: BaseException, where: str) -> None:
         exc.add_note(f"while writing {where}")
@@ -427,58 +430,80 @@ def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write
             failures.append(exc)
 
     def store(coords: tuple[int, ...], tile: np.ndarray, encoded: bytes | None) -> None:
+        crc, row = chunk_crc(tile), ()
+        if encoded is not None:
+            row = prefix_lengths(encoded)
+            if len(row) < info.levels + 1 or (info.levels and len(row) != info.levels + 1):
+                raise CodestreamError(f"encoder wrote {len(row) - 1} levels, "
+                                      f"expected {info.levels}")
+            row = row[: info.levels + 1]
+            nodes = target["nodes"]
+            nodes.put(nodes.key(IMAGE, coords), encoded)
+        with lock:
+            checksum[coords] = crc
+            if row:
+                index[coords] = row
+
+    def store_group(done: list[tuple[tuple[int, ...], np.ndarray, bytes | None]]) -> None:
         try:
-            crc, row = chunk_crc(tile), ()
-            if encoded is not None:
-                row = prefix_lengths(encoded)
-                if len(row) < info.levels + 1 or (info.levels and len(row) != info.levels + 1):
-                    raise CodestreamError(f"encoder wrote {len(row) - 1} levels, "
-                                          f"expected {info.levels}")
-                row = row[: info.levels + 1]
-                nodes = target["nodes"]
-                nodes.put(nodes.key(IMAGE, coords), encoded)
-            with lock:
-                checksum[coords] = crc
-                if row:
-                    index[coords] = row
-        except BaseException as exc:  # reported after the pools drain
-            fail(exc, f"chunk {coords}")
+            for coords, tile, encoded in done:
+                try:
+                    store(coords, tile, encoded)
+                except BaseException as exc:  # reported after the pools drain
+                    fail(exc, f"chunk {coords}")
+                    return
         finally:
             waiting.release()
 
-    def encode(coords: tuple[int, ...], plane: np.ndarray) -> Future | None:
+    def encode_group(group: list[tuple[tuple[int, ...], np.ndarray]]) -> Future | None:
+        done = []
+        for coords, plane in group:
+            try:
+                tile = np.ascontiguousarray(mapping.encode(plane))
+                if tile.shape[:2] != (ty, tx):  # edge tile: zarr stores full chunks
+                    padded = np.zeros((ty, tx) + tail, tile.dtype)
+                    padded[: tile.shape[0], : tile.shape[1]] = tile
+                    tile = padded
+                encoded = imagecodecs.htj2k_encode(tile, **kwargs) \
+                    if write_empty or tile.any() else None
+            except BaseException as exc:
+                fail(exc, f"chunk {coords}")
+                return None
+            done.append((coords, tile, encoded))
         try:
-            tile = np.ascontiguousarray(mapping.encode(plane))
-            if tile.shape[:2] != (ty, tx):  # edge tile: zarr stores full chunks
-                padded = np.zeros((ty, tx) + tail, tile.dtype)
-                padded[: tile.shape[0], : tile.shape[1]] = tile
-                tile = padded
-            encoded = imagecodecs.htj2k_encode(tile, **kwargs) \
-                if write_empty or tile.any() else None
             waiting.acquire()
             created.wait()
             if "store" not in target:
                 waiting.release()
                 raise RuntimeError("the image group was not created")
-            return target["store"].submit(store, coords, tile, encoded)
+            return target["store"].submit(store_group, done)
         except BaseException as exc:
-            fail(exc, f"chunk {coords}")
+            fail(exc, f"chunk {group[0][0]}")
             return None
 
+    # small chunks go to the pools in groups: a task per chunk (two pool hops,
+    # a semaphore) costs about as much as encoding a 128 px chunk
+    per_group = max(1, _GROUP_BYTES // max(1, ty * tx * max(1, math.prod(tail))
+                                          * np.dtype(info.values.stored_dtype).itemsize))
     n_lead = iy
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mist-encode") as pool, \
             contextlib.ExitStack() as stack:
         # (not enumerate(): its reused result tuple would keep the previous
         # block alive while the next one is read)
         for offset, block in _blocks(data, n_lead):
-            futures = []
+            futures, group = [], []
             for lead in np.ndindex(*block.shape[:n_lead]):
                 planes = block[lead]
                 for cy in range(-(-planes.shape[0] // ty)):
                     for cx in range(-(-planes.shape[1] // tx)):
                         part = planes[cy * ty : (cy + 1) * ty, cx * tx : (cx + 1) * tx]
                         coords = tuple(o + i for o, i in zip(offset, lead)) + (cy, cx) + (0,) * len(tail)
-                        futures.append(pool.submit(encode, coords, part))
+                        group.append((coords, part))
+                        if len(group) == per_group:
+                            futures.append(pool.submit(encode_group, group))
+                            group = []
+            if group:
+                futures.append(pool.submit(encode_group, group))
             if not created.is_set():  # the first block: make the group meanwhile
                 try:
                     target["nodes"] = nodes = create()
@@ -494,5 +519,5 @@ def _write_chunks(create, data, info: ImageInfo, index, checksum, threads, write
                     f.result()
             if failures:
                 raise failures[0]
-            del block, planes, part, futures, stored  # before the next block is read
+            del block, planes, part, futures, stored, group  # before the next block
     return target["nodes"]

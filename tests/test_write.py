@@ -202,10 +202,13 @@ class _DiskFullStore(zarr.storage.MemoryStore):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_failed_chunk_write_fails_the_image_and_names_the_chunk(threads, phantom):
+@pytest.mark.parametrize("shape", [None, (40, 64, 64)], ids=["large chunks", "small chunks"])
+def test_a_failed_chunk_write_fails_the_image_and_names_the_chunk(threads, shape, phantom):
+    """Large chunks go to the pools one by one, small ones in groups: either way."""
     store = _DiskFullStore()
+    data = phantom if shape is None else phantom[:1, :64, :64].repeat(shape[0], axis=0)
     with pytest.raises(OSError, match="No space left") as failed:
-        mist_zarr.write_image(store, phantom, threads=threads)
+        mist_zarr.write_image(store, data, threads=threads)
     assert any("chunk (5, 0, 0)" in note for note in failed.value.__notes__)
     with pytest.raises(mist_zarr.IncompleteImageError):
         mist_zarr.read_image(store)
