@@ -73,7 +73,6 @@ def stop_child(child: Child) -> str:
 def answer_channel(mode: str) -> Any:
     """In the child: the parent's answer pipe (the original stdout, ``"w"`` line-buffered
     or ``"wb"``), with stdout itself sent to stderr from now on."""
-    answers = os.fdopen(os.dup(1), mode, buffering=1) if mode == "w" else \
-        os.fdopen(os.dup(1), mode)
+    answers = os.fdopen(os.dup(1), mode, buffering=-1 if "b" in mode else 1)
     os.dup2(2, 1)
     return answers

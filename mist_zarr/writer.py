@@ -101,48 +101,6 @@ def _blocks(data: Any, n_lead: int) -> Iterator[tuple[tuple[int, ...], np.ndarra
         yield (0,) * n_lead, np.asarray(data)
 
 
-def _describe(data: Any, *, dims, spacing, affine, source_format, metadata, alpha, levels, tile,
-              quantize, name: str) -> tuple[ImageInfo, dict[str, Any]]:
-    """Check the request and describe the image to write; also the bulky metadata set apart."""
-    dims = _validate(data, dims)
-    if source_format not in SOURCE_FORMATS:
-        raise ValueError(f"source_format must be one of {SOURCE_FORMATS}, found {source_format!r}")
-    iy, ix = plane_axes(dims)
-    shape = tuple(int(s) for s in data.shape)
-    if 0 in shape:
-        raise ValueError(f"cannot store an empty image of shape {shape}")
-    plane = (shape[iy], shape[ix])
-    n = num_levels(plane, alpha) if levels is None else int(levels)
-    chunk_plane = tile_shape(plane, n, tile)
-    if n < 0 or (1 << n) > min(chunk_plane):
-        raise ValueError(
-            f"{n} decomposition levels need chunks of at least {1 << n} px, "
-            f"but the chunk plane is {chunk_plane}"
-        )
-    chunks = (1,) * iy + chunk_plane + tuple(shape[ix + 1 :])
-    mapping = choose_mapping(data, quantize=quantize, levels=n, name=name,
-                             value_range=getattr(data, "value_range", None))
-    if spacing is None:
-        spacing = (1.0,) * len(dims)
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != len(dims):
-        raise ValueError(f"spacing has {len(spacing)} values for dims {dims}")
-    affine = default_affine(dims, spacing) if affine is None else np.asarray(affine, float)
-    if affine.shape != (4, 4):
-        raise ValueError(f"affine must be 4x4, found shape {affine.shape}")
-    metadata = dict(metadata or {})
-    bulky = {k: metadata.pop(k) for k in BULKY_METADATA if k in metadata}
-    if bulky:
-        metadata[SLICE_METADATA] = sorted(bulky)
-    info = ImageInfo(
-        dims=dims, shape=shape, chunks=chunks, levels=n, alpha=alpha, spacing=spacing,
-        affine=affine, values=mapping, source_format=source_format, metadata=metadata,
-        write_id=uuid.uuid4().hex,
-    )
-
-    return info, bulky
-
-
 @dataclass
 class _Nodes:
     """The image group being written: its store and key prefix."""
@@ -240,12 +198,45 @@ def plan_image(
     quantize: str | np.dtype | None = None,
     name: str = "input",
 ) -> ImagePlan:
-    """Check the request and decide the image (arguments as :func:`write_image`'s)."""
+    """Check the request and decide the image (arguments as :func:`write_image`'s); the
+    bulky metadata is set apart for the ``slice_metadata`` array."""
     if not hasattr(data, "ndim"):
         data = np.asarray(data)
-    info, bulky = _describe(data, dims=dims, spacing=spacing, affine=affine,
-                            source_format=source_format, metadata=metadata, alpha=alpha,
-                            levels=levels, tile=tile, quantize=quantize, name=name)
+    dims = _validate(data, dims)
+    if source_format not in SOURCE_FORMATS:
+        raise ValueError(f"source_format must be one of {SOURCE_FORMATS}, found {source_format!r}")
+    iy, ix = plane_axes(dims)
+    shape = tuple(int(s) for s in data.shape)
+    if 0 in shape:
+        raise ValueError(f"cannot store an empty image of shape {shape}")
+    plane = (shape[iy], shape[ix])
+    n = num_levels(plane, alpha) if levels is None else int(levels)
+    chunk_plane = tile_shape(plane, n, tile)
+    if n < 0 or (1 << n) > min(chunk_plane):
+        raise ValueError(
+            f"{n} decomposition levels need chunks of at least {1 << n} px, "
+            f"but the chunk plane is {chunk_plane}"
+        )
+    chunks = (1,) * iy + chunk_plane + tuple(shape[ix + 1 :])
+    mapping = choose_mapping(data, quantize=quantize, levels=n, name=name,
+                             value_range=getattr(data, "value_range", None))
+    if spacing is None:
+        spacing = (1.0,) * len(dims)
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != len(dims):
+        raise ValueError(f"spacing has {len(spacing)} values for dims {dims}")
+    affine = default_affine(dims, spacing) if affine is None else np.asarray(affine, float)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, found shape {affine.shape}")
+    metadata = dict(metadata or {})
+    bulky = {k: metadata.pop(k) for k in BULKY_METADATA if k in metadata}
+    if bulky:
+        metadata[SLICE_METADATA] = sorted(bulky)
+    info = ImageInfo(
+        dims=dims, shape=shape, chunks=chunks, levels=n, alpha=alpha, spacing=spacing,
+        affine=affine, values=mapping, source_format=source_format, metadata=metadata,
+        write_id=uuid.uuid4().hex,
+    )
     return ImagePlan(info, bulky)
 
 

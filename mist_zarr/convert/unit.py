@@ -79,14 +79,13 @@ def _marker_key(root: zarr.Group, unit: Unit) -> str:
     return f"{root.store_path.path}/{marker}".strip("/")
 
 
-def _marker_run(root: zarr.Group, unit: Unit) -> str | None:
-    done = get_json(root.store_path.store, _marker_key(root, unit))
-    return done.get("run") if isinstance(done, dict) else None
-
-
 def finished(root: zarr.Group, unit: Unit) -> list[SeriesResult] | None:
     """The unit's images if its marker says done and every one is still complete."""
-    done = get_json(root.store_path.store, _marker_key(root, unit))
+    return _finished(root, unit, get_json(root.store_path.store, _marker_key(root, unit)))
+
+
+def _finished(root: zarr.Group, unit: Unit, done: Any) -> list[SeriesResult] | None:
+    """:func:`finished`, given the unit's marker document (None: no marker)."""
     if done is None:
         return None
     results = []
@@ -104,9 +103,10 @@ def read_unit(unit: Unit, dest: Any, options: Options) -> UnitRead:
     root = open_root(dest, options.storage_options)
     if not options.overwrite:
         # before any source is read: a finished unit is kept or refused as it stands
-        done = finished(root, unit)
+        marker = get_json(root.store_path.store, _marker_key(root, unit))
+        done = _finished(root, unit, marker)
         if done is not None:
-            if options.skip_existing or _marker_run(root, unit) == options.run:
+            if options.skip_existing or marker.get("run") == options.run:
                 return UnitRead(finished=done)  # same run: a retried task after a lost worker
             names = ", ".join(r.path for r in done)
             return UnitRead(issue=SourceIssue(label(unit), (

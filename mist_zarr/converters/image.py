@@ -215,7 +215,7 @@ def export(image: StoredImage, out: Path, *, format: str, window: Sequence[float
         data, offset = _sixteen_bit(data, image.source, notes)
     else:
         rendering = _Rendering.of(image, lead, window)
-        notes.append("8-bit rendering: " + rendering.describe())
+        notes.append("8-bit rendering: " + rendering.how)
     text = {
         "mist_source_format": info.source_format,
         "mist_level": str(k),
@@ -277,10 +277,9 @@ class _Rendering:
     where it varies), then a window (the caller's, the DICOM VOI window of each
     slice, or each slice's min-max)."""
 
-    def __init__(self, rescale: Rescale | None, window: Sequence[float] | None,
-                 dicom_window: tuple[np.ndarray, np.ndarray] | None, mono1: bool) -> None:
-        self.rescale, self.window, self.dicom_window, self.mono1 = \
-            rescale, window, dicom_window, mono1
+    def __init__(self, rescale: Rescale | None, window: tuple[np.ndarray, np.ndarray] | None,
+                 how: str, mono1: bool) -> None:
+        self.rescale, self.window, self.how, self.mono1 = rescale, window, how, mono1
 
     @classmethod
     def of(cls, image: StoredImage, lead: tuple[int, ...],
@@ -288,36 +287,33 @@ class _Rendering:
         info = image.info
         metadata = info.metadata if isinstance(info.metadata, dict) else {}
         mono1 = metadata.get("photometric") == "MONOCHROME1"
-        if not isinstance(metadata.get("dicom"), dict):
-            return cls(None, window, None, mono1)
-        # enhanced files keep the rescale and the window in their functional groups,
-        # classic series with varying values per slice: both read as find_rescale does
-        per_slice = functools.cache(lambda: read_metadata(image.group))
-        rescale = find_rescale(metadata, lead, per_slice)
-        dicom_window = find_window(metadata, lead, per_slice) if window is None else None
-        return cls(None if rescale.identity else rescale, window, dicom_window, mono1)
-
-    def describe(self) -> str:
-        how = ("window " + str(tuple(self.window)) if self.window is not None
-               else "DICOM window" if self.dicom_window is not None
-               else "min-max of each slice")
-        return how + (f", on modality values ({self.rescale.source})" if self.rescale else "")
+        rescale, found = None, None
+        if isinstance(metadata.get("dicom"), dict):
+            # enhanced files keep the rescale and the window in their functional groups,
+            # classic series with varying values per slice: both read as find_rescale does
+            per_slice = functools.cache(lambda: read_metadata(image.group))
+            rescale = find_rescale(metadata, lead, per_slice)
+            rescale = None if rescale.identity else rescale
+            found = find_window(metadata, lead, per_slice) if window is None else None
+        if window is not None:
+            centre, width = (float(v) for v in window)
+            chosen, how = (np.full(lead, centre), np.full(lead, width)), f"window {tuple(window)}"
+        else:
+            chosen, how = found, "DICOM window" if found is not None else "min-max of each slice"
+        if rescale is not None:
+            how += f", on modality values ({rescale.source})"
+        return cls(rescale, chosen, how, mono1)
 
     def picture(self, plane: np.ndarray, idx: tuple[int, ...]) -> np.ndarray:
         values = plane.astype(np.float64)
-        if self.rescale is not None:
+        if self.rescale is not None:  # in float64 (Rescale.apply may round to float32)
             slope, intercept = (float(np.asarray(v)[idx]) if np.ndim(v) else float(v)
                                 for v in (self.rescale.slope, self.rescale.intercept))
             values = values * slope + intercept
-        if self.window is not None:
-            centre, width = (float(v) for v in self.window)
-        elif self.dicom_window is not None:
-            centre, width = (float(w[idx]) for w in self.dicom_window)
-        else:
-            centre, width = None, None
-        if centre is None:
+        if self.window is None:
             lo, hi = float(values.min()), float(values.max())
         else:
+            centre, width = (float(w[idx]) for w in self.window)
             lo, hi = centre - width / 2, centre + width / 2
         scaled = (values - lo) / max(hi - lo, 1e-12) * 255.0
         out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
