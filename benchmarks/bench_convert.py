@@ -22,7 +22,9 @@ For each input the converters run alternately (A B C D A B C D ...) for
   ``... --workers 1`` (the same: one worker is this process) and
   ``... --workers 2`` (a local dask cluster for many series; a single series
   larger than the split threshold is written in slice ranges by two local
-  processes, ``mist_zarr.convert.split``);
+  processes, ``mist_zarr.convert.split``); for the long series also
+  ``... --workers 1 --threads 1``: one worker on one core, as each part of
+  ``--workers 2`` is encoded, so that pair is the split's scaling per core;
 * ``dcm2niix -z y -o OUT IN`` with ``PATH`` holding no ``pigz`` (dcm2niix
   then compresses in-process with zlib) and with the directory of ``pigz`` on
   ``PATH`` (dcm2niix hands compression to it); dcm2niix searches sub-folders
@@ -89,6 +91,10 @@ MB = 1e6
 MIST = "mist-zarr convert"
 MIST1 = "mist-zarr convert --workers 1"
 MIST2 = "mist-zarr convert --workers 2"
+# one worker on one core: what each of the two workers of MIST2 has (its parts
+# are encoded on one thread each), so MIST1_CORE / MIST2 is the split's scaling
+# per core; --workers 1 alone already encodes on every core of this machine
+MIST1_CORE = "mist-zarr convert --workers 1 --threads 1"
 TARGET_SPLIT = 1.6  # the 1,000-slice series: --workers 1 / --workers 2 wall time, at least
 DCM = "dcm2niix -z y"
 DCM_PIGZ = "dcm2niix -z y + pigz"
@@ -151,10 +157,11 @@ class Converter:
     path: str | None = None  # PATH for the run (None: this process's)
 
 
-def mist_converter(exe: str, workers: int | None) -> Converter:
+def mist_converter(exe: str, workers: int | None, threads: int | None = None) -> Converter:
     extra = [] if workers is None else ["--workers", str(workers)]
+    extra += [] if threads is None else ["--threads", str(threads)]
     return Converter(
-        MIST if workers is None else f"{MIST} --workers {workers}",
+        " ".join([MIST, *extra]),
         lambda src, out: [exe, "convert", str(src), str(out), "-q", *extra],
         makes_out=True,
         images=lambda out: len(mist_zarr.list_images(out)),
@@ -288,17 +295,17 @@ def copy_uid(uid: str, copy: int) -> str:
 def build_tree(data: Path, copies: int, root: Path) -> int:
     """``root/copyNN/<series>/*.dcm``: ``copies`` distinct copies of each series; file count."""
     files = 0
-    for copy in range(1, copies + 1):
+    for number in range(1, copies + 1):
         for series in TREE_SERIES:
-            dest = root / f"copy{copy:02d}" / Path(series).name
+            dest = root / f"copy{number:02d}" / Path(series).name
             dest.mkdir(parents=True)
             for path in dicom_files(data / series):
                 ds = pydicom.dcmread(path)
-                ds.StudyInstanceUID = copy_uid(ds.StudyInstanceUID, copy)
-                ds.SeriesInstanceUID = copy_uid(ds.SeriesInstanceUID, copy)
-                ds.SOPInstanceUID = copy_uid(ds.SOPInstanceUID, copy)
+                ds.StudyInstanceUID = copy_uid(ds.StudyInstanceUID, number)
+                ds.SeriesInstanceUID = copy_uid(ds.SeriesInstanceUID, number)
+                ds.SOPInstanceUID = copy_uid(ds.SOPInstanceUID, number)
                 ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-                ds.PatientID = f"{ds.PatientID}-{copy:02d}"
+                ds.PatientID = f"{ds.PatientID}-{number:02d}"
                 ds.save_as(dest / path.name)
                 files += 1
     return files
@@ -362,7 +369,6 @@ def load_average() -> str:
 
 def print_environment(dcm2niix: str) -> None:
     import imagecodecs
-
     from _machine import cpu_model, memory_gib, package_versions
 
     mem, cpu = memory_gib(), cpu_model()
@@ -438,6 +444,9 @@ def print_case(case: Case, results: dict[str, list[Run]], converters: Sequence[C
             if case.key == "long":
                 met[f"2 workers >= {TARGET_SPLIT}x faster than 1"] = \
                     ratio(MIST1, MIST2) >= TARGET_SPLIT
+        if MIST1_CORE in results:
+            print(f"1 -> 2 workers, one core each (--workers 1 --threads 1 -> --workers 2): "
+                  f"{ratio(MIST1_CORE, MIST2):.2f}x faster (median of pairwise ratios)")
     mist_out = one_size(results[MIST], "all")
     size = mist_out / case.raw_htj2k
     met["size <= raw HTJ2K + 1 %"] = size <= TARGET_SIZE
@@ -523,8 +532,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                   DCM: startup([dcm2niix_exe, "--version"], args.repeat, log)}
         verdicts = []
         for case in cases:
-            results = run_case(case, converters, args.repeat, runs_dir, args.keep)
-            verdicts.append((case.label, print_case(case, results, converters, starts)))
+            # the long series also runs one worker on one core (the split's per-core scaling)
+            these = converters + ([mist_converter(mist_exe, 1, threads=1)]
+                                  if case.key == "long" else [])
+            results = run_case(case, these, args.repeat, runs_dir, args.keep)
+            verdicts.append((case.label, print_case(case, results, these, starts)))
         print(f"\nload average at the end: {load_average()}")
         print("start-up: `--version` (for mist-zarr the interpreter and its imports), median "
               "wall s and peak RSS; peak RSS is that of the largest single process")
