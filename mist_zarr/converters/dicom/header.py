@@ -19,7 +19,7 @@ from ...errors import DicomError, SourceIssue, one_line
 from .functional import FUNCTIONAL_GROUP_TAGS, FrameGroups, read_frame_groups, read_shared_group
 from .jsonmodel import _element_signature, _is_metadata_tag, _JsonBuilder
 from .tags import _get, _int, _pydicom, _text
-from .walk import skip_sequence
+from .walk import read_elements, skip_sequence
 
 _PIXEL_TAGS = {
     0x7FE00010: "PixelData",
@@ -85,6 +85,10 @@ class _PixelLoc:
     undefined_length: bool
 
 
+def _at_once(tag: int, vr: str | None, length: int) -> bool:
+    return True
+
+
 def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
     """Read a file's header (up to the pixel data) and check the pixel data is complete.
 
@@ -116,12 +120,25 @@ def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
     try:
         with open(path, "rb") as fp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = read_partial(fp, stop_when=stop, force=False)
+            # pydicom reads the preamble and file meta and stops at the dataset; an
+            # explicit VR little endian dataset is read by walk.read_elements (the
+            # same raw elements, about 4x faster), anything else by pydicom
+            ds = read_partial(fp, stop_when=_at_once, force=False)
             ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
             if not ts:
                 raise _Refused(path, "File Meta Information has no TransferSyntaxUID")
-            if stopped and not captured:
-                ds = _read_rest(fp, ds, ts, stop, stopped)
+            found = (read_elements(fp, ds, _PIXEL_TAGS)
+                     if ds.original_encoding == (False, True) and str(ts) != _DEFLATED
+                     else False)
+            if found is False:
+                fp.seek(0)
+                ds = read_partial(fp, stop_when=stop, force=False)
+                if stopped and not captured:
+                    ds = _read_rest(fp, ds, ts, stop, stopped)
+            else:
+                if found:
+                    captured.update(tag=found[0], vr=found[1], length=found[2])
+                ds.set_original_encoding(False, True, ds._character_set)
             if captured and str(ts) != _DEFLATED:
                 loc = _check_pixel_extent(path, fp, ds, ts, captured)
     except _Refused:
