@@ -150,8 +150,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for r in range(args.repeat):
             order = list(trees) if r % 2 == 0 else list(trees)[::-1]
             for contender in order:
-                out = work / contender
-                shutil.rmtree(out, ignore_errors=True)
+                # a fresh folder per round, all removed at the end: deleting the last
+                # round's files just before writing makes ext4 search its inode tables
+                # (recently deleted inodes), a cost of the benchmark, not of a conversion
+                out = work / f"{contender}-{r}"
                 jobs = [[name, str(path), str(out / f"{i}")]
                         for i, (name, path) in enumerate(inputs.items())]
                 rows = run_worker(trees[contender], jobs, root / WARM_UP, work)
@@ -179,13 +181,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                       f"| {ratios[1]:.1f}x |")
         diffs = []
         for i in range(len(inputs)):
-            diffs += compare_outputs(work / "before" / f"{i}", work / "after" / f"{i}")
+            last = args.repeat - 1
+            diffs += compare_outputs(work / f"before-{last}" / f"{i}", work / f"after-{last}" / f"{i}")
         print("\noutputs (last round, file by file): "
               + ("identical" if not diffs else f"{len(diffs)} difference(s)"))
         for line in diffs[:20]:
             print(f"  {line}")
         if args.keep:
-            shutil.copytree(work, args.keep, dirs_exist_ok=True)
+            for contender in trees:
+                shutil.copytree(work / f"{contender}-{args.repeat - 1}", args.keep / contender,
+                                dirs_exist_ok=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
