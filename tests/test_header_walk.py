@@ -6,7 +6,9 @@ same ``_read_header`` with that walk switched off, i.e. pydicom's
 ``read_partial`` for the whole header, over every DICOM file of the shared
 data set and of pydicom's test corpus (odd and broken files included): the
 same elements (raw ones byte for byte, sequences as the same JSON model), the
-same pixel data tag and location, and the same refusals.
+same pixel data tag and location, and the same refusals. Then the same over
+files hypothesis generates: every VR the walk reads, empty values, sequences
+two deep in both length forms, a private element, character sets.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _compare(path: str) -> None:
     assert ds.original_encoding == ref.original_encoding, path
     assert ds.original_character_set == ref.original_character_set, path
     for key in ref.keys():  # noqa: SIM118
-        got, want = ds.get_item(key), ref.get_item(key)
+        got, want = ds._dict[key], ref._dict[key]  # as read (get_item converts some raw ones)
         if isinstance(got, RawDataElement) and isinstance(want, RawDataElement) \
                 and got.VR != "SQ" and want.VR != "SQ":
             assert tuple(got) == tuple(want), (path, key)
@@ -113,3 +115,86 @@ def test_the_walk_reads_the_explicit_vr_files():
     assert sequences and all(isinstance(e.value, _Walked) for e in sequences)
     ref = _read(str(ct[0]), False)[0]
     assert any(not isinstance(e, RawDataElement) for e in ref._dict.values())  # parsed there
+
+
+# -- generated datasets: every VR the walk reads, sequences nested in both length forms --
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.sequence import Sequence  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
+
+_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters="\\"),
+                max_size=12).map(str.strip)
+_ELEMENTS = {  # tag: (VR, values)
+    0x00080008: ("CS", st.lists(st.sampled_from(["ORIGINAL", "PRIMARY", "AXIAL"]), max_size=3)),
+    0x00080060: ("CS", st.sampled_from(["CT", "MR", ""])),
+    0x00081030: ("LO", _TEXT),
+    0x00100010: ("PN", _TEXT),
+    0x00104000: ("LT", _TEXT),
+    0x00180050: ("DS", st.floats(-1e3, 1e3, allow_nan=False).map(lambda v: f"{v:.4g}")),
+    0x00200013: ("IS", st.integers(-1000, 1000)),
+    0x00200032: ("DS", st.lists(st.integers(-500, 500), min_size=3, max_size=3)),
+    0x00280030: ("DS", st.lists(st.integers(1, 9), min_size=2, max_size=2)),
+    0x00281050: ("DS", st.integers(-2000, 2000)),
+    0x00189087: ("FD", st.floats(0, 1e4, allow_nan=False)),
+    0x00189082: ("FD", st.floats(-1, 1, allow_nan=False)),
+    0x00186020: ("SL", st.integers(-2**31, 2**31 - 1)),
+    0x00186024: ("US", st.integers(0, 65535)),
+    0x00181310: ("US", st.lists(st.integers(0, 65535), min_size=4, max_size=4)),
+    0x00189219: ("SS", st.integers(-32768, 32767)),
+    0x00209165: ("AT", st.sampled_from([0x00200032, 0x00100010])),
+    0x00189094: ("UT", _TEXT),
+    0x00420011: ("OB", st.binary(max_size=40)),
+    0x00660023: ("OW", st.binary(max_size=20).map(lambda b: b + b"\0" * (len(b) % 2))),
+    0x00660016: ("OF", st.binary(max_size=16).map(lambda b: b[: len(b) // 4 * 4])),
+    0x00091010: ("LO", _TEXT),  # a private element (its creator is added below)
+}
+
+
+@st.composite
+def _datasets(draw, depth: int = 0) -> Dataset:
+    ds = Dataset()
+    for tag in draw(st.lists(st.sampled_from(sorted(_ELEMENTS)), max_size=8, unique=True)):
+        vr, values = _ELEMENTS[tag]
+        ds.add_new(tag, vr, draw(values))
+    if 0x00091010 in ds:
+        ds.add_new(0x00090010, "LO", "ACME 1.0")
+    if depth < 2 and draw(st.booleans()):
+        items = draw(st.lists(_datasets(depth + 1), max_size=3))
+        ds.ReferencedImageSequence = Sequence(items)
+        ds["ReferencedImageSequence"].is_undefined_length = draw(st.booleans())
+        for item in items:
+            item.is_undefined_length_sequence_item = draw(st.booleans())
+    return ds
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ds=_datasets(), charset=st.sampled_from([None, "ISO_IR 100", "ISO_IR 192"]),
+       pixels=st.booleans())
+def test_walked_header_is_pydicoms_on_generated_files(ds, charset, pixels):
+    """Random explicit VR little endian files (every VR the walk reads, sequences two
+    deep with defined and undefined lengths, empty values, a private element, a character
+    set, with and without pixel data): the walk and pydicom read the same header."""
+    import tempfile
+
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    if pixels:
+        ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 2, 2, 16, 16, 15
+        ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.PixelData = bytes(8)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/generated.dcm"
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        _compare(path)
+        walked = _read(path, True)
+        assert not isinstance(walked, str)
+        if ds.get("ReferencedImageSequence"):  # the walk read it, kept raw (a 0-length one
+            # stays pydicom's empty value)
+            assert isinstance(walked[0].get_item(0x00081140).value, _Walked)
