@@ -13,13 +13,19 @@ two deep in both length forms, a private element, character sets.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from mist_zarr.converters.dicom import header
 from mist_zarr.converters.dicom.jsonmodel import BULK_DATA_THRESHOLD, _bulk_uri
@@ -119,12 +125,6 @@ def test_the_walk_reads_the_explicit_vr_files():
 
 # -- generated datasets: every VR the walk reads, sequences nested in both length forms --
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.sequence import Sequence  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
-
 _TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters="\\"),
                 max_size=12).map(str.strip)
 _ELEMENTS = {  # tag: (VR, values)
@@ -177,8 +177,6 @@ def test_walked_header_is_pydicoms_on_generated_files(ds, charset, pixels):
     """Random explicit VR little endian files (every VR the walk reads, sequences two
     deep with defined and undefined lengths, empty values, a private element, a character
     set, with and without pixel data): the walk and pydicom read the same header."""
-    import tempfile
-
     ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
     if charset:
         ds.SpecificCharacterSet = charset
