@@ -13,7 +13,9 @@ two deep in both length forms, a private element, character sets.
 
 from __future__ import annotations
 
+import struct
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,15 @@ def _json(ds, key) -> dict | str:
         return f"{type(exc).__name__}: {exc}"
 
 
+def _pydicom_read(path: str):
+    """pydicom's own read of the header, to the pixel data (every sequence as it reads it)."""
+    from pydicom.filereader import read_partial
+
+    with open(path, "rb") as fp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return read_partial(fp, stop_when=lambda t, vr, n: int(t) in header._PIXEL_TAGS)
+
+
 def _compare(path: str) -> None:
     """Assert the walked and pydicom's header reads of ``path`` agree."""
     walked, expected = _read(path, True), _read(path, False)
@@ -82,6 +93,10 @@ def _compare(path: str) -> None:
     assert list(ds.keys()) == list(ref.keys()), path
     assert ds.original_encoding == ref.original_encoding, path
     assert ds.original_character_set == ref.original_character_set, path
+    if str(ds.file_meta.TransferSyntaxUID) != header._DEFLATED:
+        # the elements against pydicom's read itself (the fallback keeps sequences raw too)
+        ref = _pydicom_read(path)
+        assert list(ds.keys()) == list(ref.keys()), path
     for key in ref.keys():  # noqa: SIM118
         got, want = ds._dict[key], ref._dict[key]  # as read (get_item converts some raw ones)
         if isinstance(got, RawDataElement) and isinstance(want, RawDataElement) \
@@ -196,3 +211,115 @@ def test_walked_header_is_pydicoms_on_generated_files(ds, charset, pixels):
         if ds.get("ReferencedImageSequence"):  # the walk read it, kept raw (a 0-length one
             # stays pydicom's empty value)
             assert isinstance(walked[0].get_item(0x00081140).value, _Walked)
+
+
+# -- hand-built files: what pydicom reads differently from a plain walk ----------------
+
+_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+_UNDEFINED = 0xFFFFFFFF
+
+
+def _el(tag: int, vr: str, value: bytes = b"", length: int | None = None) -> bytes:
+    n = len(value) if length is None else length
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, vr.encode(), 0, n) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), n) + value
+
+
+def _undefined_sequence(tag: int, body: bytes, delimiter_length: int = 0) -> bytes:
+    """One undefined-length item holding ``body``, in an undefined-length sequence."""
+    item = (struct.pack("<HHL", 0xFFFE, 0xE000, _UNDEFINED) + body
+            + struct.pack("<HHL", 0xFFFE, 0xE00D, delimiter_length))
+    return _el(tag, "SQ", item + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0), _UNDEFINED)
+
+
+def _part10(path: Path, body: bytes) -> str:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = "1.2.3.4.5"
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + buf.getvalue() + body)
+    return str(path)
+
+
+_SOP = _el(0x00080016, "UI", b"1.2.840.10008.5.1.4.1.1.2\0") + _el(0x00080018, "UI", b"1.2.3.4\0")
+_PIXELS = _el(0x7FE00010, "OW", bytes(8))
+_NAME = _undefined_sequence(0x00081140, _el(0x00100010, "PN", "Müller".encode()))
+HAND_BUILT = {
+    # a character set after a sequence (out of order, or a second one): pydicom decodes
+    # the sequence with the character set in effect when it read it
+    "charset-after-sequence": _SOP + _NAME + _el(0x00080005, "CS", b"ISO_IR 192") + _PIXELS,
+    "charset-twice": (_el(0x00080005, "CS", b"ISO_IR 100") + _NAME
+                      + _el(0x00080005, "CS", b"ISO_IR 192") + _SOP + _PIXELS),
+    # an item delimiter whose length field spells a VR with a 4-byte length ("OB")
+    "item-delimiter-with-length": (_SOP + _undefined_sequence(
+        0x00081140, _el(0x00100010, "PN", b"AB"), delimiter_length=0x424F) + _PIXELS),
+    # a command set (group 0000) before the dataset: pydicom merges it after the dataset
+    "command-set": _el(0x00000002, "UI", b"1.2\0") + _SOP + _PIXELS,
+    "command-set-repeated": (_el(0x00000002, "UI", b"1.2\0") + _SOP
+                             + _el(0x00000002, "UI", b"9.9\0") + _PIXELS),
+    # and what the walk does read: both sequence length forms, empty values, no pixels
+    "plain": _el(0x00080005, "CS", b"ISO_IR 192") + _SOP + _NAME + _el(0x00100020, "LO") + _PIXELS,
+    "no-pixel-data": _SOP + _NAME + _el(0x00081030, "LO", b"ABDOMEN "),
+}
+
+
+@pytest.mark.parametrize("name", HAND_BUILT)
+def test_walked_header_is_pydicoms_on_hand_built_files(tmp_path, name):
+    path = _part10(tmp_path / f"{name}.dcm", HAND_BUILT[name])
+    _compare(path)
+    walked, expected = _read(path, True), _read(path, False)
+    if not isinstance(expected, str):
+        assert list(walked[0]._dict) == list(expected[0]._dict)  # order, as pydicom has it
+
+
+def test_a_series_read_partly_by_pydicom_shares_its_sequences(tmp_path):
+    """Two slices with the same undefined-length sequence, one also holding a private VR UN
+    element (so pydicom reads its header, not the walk): the sequence is kept in one form
+    in both, so it is shared metadata, not a per-slice value."""
+    from mist_zarr.converters.dicom import read_dicom_series, scan_dicom
+
+    study, series = generate_uid(), generate_uid()
+    for k in range(2):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
+        ref = Dataset()
+        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.9"
+        ds.ReferencedImageSequence = Sequence([ref])
+        ds["ReferencedImageSequence"].is_undefined_length = True
+        if k == 1:
+            ds.add_new(0x00290010, "LO", "ACME 1.0")
+            ds.add_new(0x00291010, "UN", b"abcd")
+        ds.InstanceNumber, ds.ImagePositionPatient = k + 1, [0, 0, k]
+        ds.ImageOrientationPatient, ds.PixelSpacing = [1, 0, 0, 0, 1, 0], [1, 1]
+        ds.Rows = ds.Columns = 2
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.PixelData = bytes(8)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        pydicom.dcmwrite(tmp_path / f"{k}.dcm", ds, enforce_file_format=True)
+    calls = []
+    saved = header.read_elements
+
+    def counted(fp, ds, tags):
+        result = saved(fp, ds, tags)
+        calls.append(result is not False)
+        return result
+
+    header.read_elements = counted
+    try:
+        (vol,) = read_dicom_series(scan_dicom(tmp_path).series[0])
+    finally:
+        header.read_elements = saved
+    assert sorted(calls) == [False, True]  # one walked, one read by pydicom
+    assert "00081140" in vol.metadata
+    assert "00081140" not in vol.per_slice

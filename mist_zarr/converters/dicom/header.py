@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import DicomError, SourceIssue, one_line
-from .functional import FUNCTIONAL_GROUP_TAGS, FrameGroups, read_frame_groups, read_shared_group
+from .functional import FrameGroups, read_frame_groups, read_shared_group
 from .jsonmodel import _element_signature, _is_metadata_tag, _JsonBuilder
 from .tags import _get, _int, _pydicom, _text
 from .walk import read_elements, skip_sequence
@@ -104,15 +104,18 @@ def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
 
     captured: dict[str, Any] = {}
     loc = None
-    stopped: set[int] = set()  # functional-group sequences already stopped at
+    stopped: set[int] = set()  # sequences already stopped at
 
     def stop(tag: int, vr: str | None, length: int) -> bool:
         if int(tag) in _PIXEL_TAGS:
             captured.update(tag=int(tag), vr=vr, length=length)
             return True
-        # explicit VR functional groups at the top level: kept raw (walk.skip_sequence)
-        # and read once per file by functional.read_frame_groups
-        if int(tag) in FUNCTIONAL_GROUP_TAGS and vr == "SQ" and int(tag) not in stopped:
+        # explicit VR sequences at the top level: kept raw (walk.skip_sequence) where the
+        # walk can, as read_elements keeps them, so that a file read by pydicom holds them
+        # in the same form as the files of its series that were walked (a raw and a parsed
+        # copy of one value have different signatures); the functional groups are then
+        # read once per file by functional.read_frame_groups
+        if vr == "SQ" and int(tag) not in stopped:
             stopped.add(int(tag))
             return True
         return False
@@ -127,9 +130,11 @@ def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
             ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
             if not ts:
                 raise _Refused(path, "File Meta Information has no TransferSyntaxUID")
+            # (a command set, group 0000, is read before the dataset and merged after it
+            # by pydicom: left to it)
             found = (read_elements(fp, ds, _PIXEL_TAGS)
                      if ds.original_encoding == (False, True) and str(ts) != _DEFLATED
-                     else False)
+                     and not ds._dict else False)
             if found is False:
                 fp.seek(0)
                 ds = read_partial(fp, stop_when=stop, force=False)

@@ -88,8 +88,9 @@ def _dataset(buf: Any, pos: int, end: int | None) -> tuple[dict[int, tuple[Any, 
         # pydicom switches to implicit VR on an unknown VR, infers UN, and changes
         # the character set within the item: left to it
         if name is None or group == 0xFFFE or (group == 0x0008 and element == 0x0005):
-            if group == 0xFFFE and element == 0xE00D and end is None:
-                return elements, pos + 8
+            if group == 0xFFFE and element == 0xE00D and end is None \
+                    and not buf[pos + 4 : pos + 8].strip(b"\0"):
+                return elements, pos + 8  # (pydicom reads a non-zero length as a VR: left to it)
             raise _Unsupported(f"element ({group:04X},{element:04X}) VR {vr!r}")
         if name[1]:  # a 4-byte length
             length = unpack32(buf, pos + 8)[0]
@@ -207,7 +208,7 @@ def _top_level(buf: bytes, complete: bool, stop_tags: Any
     ``stop_tags``, its (tag, VR, length). ``complete``: ``buf`` runs to the end of the file."""
     out: list[tuple[int, str, int, int, int, Any]] = []
     unpack, unpack32, vrs, size = _HEAD.unpack_from, _LENGTH32.unpack_from, _VRS, len(buf)
-    pos = 0
+    pos, sequences = 0, False
     while True:
         if size - pos < 12:
             if complete and size - pos < 8:  # pydicom's reader ends here too
@@ -225,8 +226,13 @@ def _top_level(buf: bytes, complete: bool, stop_tags: Any
         tag = group << 16 | element
         if tag in stop_tags:
             return out, pos, (tag, name[0], length)
+        if tag == 0x00080005 and sequences:
+            # out of order: pydicom decodes a sequence read before it with the character
+            # set in effect then, the walked one is decoded with the final one
+            raise _Unsupported("(0008,0005) after a sequence")
         start = pos + head
         if name[0] == "SQ" and length:
+            sequences = True
             undefined = length == _UNDEFINED
             try:
                 items, after = _sequence(buf, start, None if undefined else start + length)
