@@ -13,6 +13,7 @@ two deep in both length forms, a private element, character sets.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import tempfile
 import warnings
@@ -61,6 +62,25 @@ def _read(path: str, walk: bool):
         return header._read_header(path)
     except header._Refused as refused:
         return refused.issue.reason
+    finally:
+        header.read_elements = saved
+
+
+@contextlib.contextmanager
+def _walks():
+    """A list that records, per header read, whether the walk read it (True) or left it
+    to pydicom (False)."""
+    calls: list[bool] = []
+    saved = header.read_elements
+
+    def counted(fp, ds, tags):
+        result = saved(fp, ds, tags)
+        calls.append(result is not False)
+        return result
+
+    header.read_elements = counted
+    try:
+        yield calls
     finally:
         header.read_elements = saved
 
@@ -117,19 +137,8 @@ def test_the_walk_reads_the_explicit_vr_files():
     ct = sorted((DATA_DIR / "ct" / "CRLM-CT-1004").rglob("*.dcm"))
     if not ct:
         pytest.skip(f"shared CT not found under {DATA_DIR}")
-    calls = []
-    saved = header.read_elements
-
-    def counted(fp, ds, tags):
-        result = saved(fp, ds, tags)
-        calls.append(result is not False)
-        return result
-
-    header.read_elements = counted
-    try:
+    with _walks() as calls:
         ds, tag, loc = header._read_header(str(ct[0]))
-    finally:
-        header.read_elements = saved
     assert calls == [True]
     assert tag == 0x7FE00010 and loc is not None
     sequences = [e for e in ds._dict.values() if e.VR == "SQ"]
@@ -307,19 +316,8 @@ def test_a_series_read_partly_by_pydicom_shares_its_sequences(tmp_path):
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         pydicom.dcmwrite(tmp_path / f"{k}.dcm", ds, enforce_file_format=True)
-    calls = []
-    saved = header.read_elements
-
-    def counted(fp, ds, tags):
-        result = saved(fp, ds, tags)
-        calls.append(result is not False)
-        return result
-
-    header.read_elements = counted
-    try:
+    with _walks() as calls:
         (vol,) = read_dicom_series(scan_dicom(tmp_path).series[0])
-    finally:
-        header.read_elements = saved
     assert sorted(calls) == [False, True]  # one walked, one read by pydicom
     assert "00081140" in vol.metadata
     assert "00081140" not in vol.per_slice
