@@ -95,8 +95,8 @@ def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
     Returns the header dataset, the pixel data tag (None if absent) and the
     location of its value (None if absent or deflated). Raises _Refused for
     non-DICOM, unreadable or truncated files. In explicit VR little endian
-    files the functional-group sequences stay raw elements (see
-    ``walk.skip_sequence``); pydicom parses them if they are accessed.
+    files the top-level sequences stay raw elements, walked (see ``walk``);
+    pydicom parses them if they are accessed.
     """
     _pydicom()
     from pydicom.errors import InvalidDicomError
@@ -162,8 +162,8 @@ def _read_header(path: str) -> tuple[Any, int | None, _PixelLoc | None]:
 
 
 def _read_rest(fp: Any, ds: Any, ts: Any, stop: Any, stopped: set[int]) -> Any:
-    """Finish a header read that stopped at a functional-group sequence: keep it raw and
-    read on, to the next such sequence, the pixel data or the end of the file."""
+    """Finish a header read that stopped at a top-level sequence: keep it raw and read
+    on, to the next sequence, the pixel data or the end of the file."""
     from pydicom.filereader import read_dataset, read_partial
 
     if str(ts) == _DEFLATED or ts.is_implicit_VR or not ts.is_little_endian:
