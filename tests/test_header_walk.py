@@ -289,6 +289,16 @@ def test_walked_header_is_pydicoms_on_hand_built_files(tmp_path, name):
         assert list(walked[0]._dict) == list(expected[0]._dict)  # order, as pydicom has it
 
 
+def _tiny_image(ds: Dataset) -> None:
+    """Make ``ds`` a 2 x 2 uint16 image in an explicit VR little endian file."""
+    ds.Rows = ds.Columns = 2
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = bytes(8)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+
 def test_a_series_read_partly_by_pydicom_shares_its_sequences(tmp_path):
     """Two slices with the same undefined-length sequence, one also holding a private VR UN
     element (so pydicom reads its header, not the walk): the sequence is kept in one form
@@ -309,15 +319,37 @@ def test_a_series_read_partly_by_pydicom_shares_its_sequences(tmp_path):
             ds.add_new(0x00291010, "UN", b"abcd")
         ds.InstanceNumber, ds.ImagePositionPatient = k + 1, [0, 0, k]
         ds.ImageOrientationPatient, ds.PixelSpacing = [1, 0, 0, 0, 1, 0], [1, 1]
-        ds.Rows = ds.Columns = 2
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.PixelData = bytes(8)
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        _tiny_image(ds)
         pydicom.dcmwrite(tmp_path / f"{k}.dcm", ds, enforce_file_format=True)
     with _walks() as calls:
         (vol,) = read_dicom_series(scan_dicom(tmp_path).series[0])
     assert sorted(calls) == [False, True]  # one walked, one read by pydicom
     assert "00081140" in vol.metadata
     assert "00081140" not in vol.per_slice
+
+
+def test_an_item_with_its_own_character_set_does_not_decode_the_dataset(tmp_path):
+    """The same PN bytes at the top level (ISO_IR 100) and in a sequence item with its own
+    character set (ISO_IR 192): each JSON value is pydicom's decoding in its own context
+    (the JSON memo once handed the item's decoding to the top-level element)."""
+    from mist_zarr.converters.dicom.header import _load_file
+    from mist_zarr.converters.dicom.jsonmodel import _JsonBuilder
+
+    name = "Müller".encode()  # ISO_IR 100 reads these bytes as 'MÃ¼ller'
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
+    item = Dataset()
+    item.SpecificCharacterSet = "ISO_IR 192"
+    item.add_new(0x00100010, "PN", name)
+    ds.ReferencedImageSequence = Sequence([item])  # (0008,1140): converted before (0010,0010)
+    ds.add_new(0x00100010, "PN", name)
+    _tiny_image(ds)
+    path = tmp_path / "charsets.dcm"
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    model = _load_file(str(path), _JsonBuilder()).json()
+    ref = pydicom.dcmread(path)
+    assert model["00100010"] == ref["PatientName"].to_json_dict(BULK_DATA_THRESHOLD, _bulk_uri)
+    assert model["00081140"]["Value"][0]["00100010"] == \
+        ref.ReferencedImageSequence[0]["PatientName"].to_json_dict(BULK_DATA_THRESHOLD, _bulk_uri)
+    assert model["00100010"]["Value"][0]["Alphabetic"] == "MÃ¼ller"

@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from .tags import _text
 from .walk import _Item, walked_items
 
 #: Binary values longer than this are summarised in the JSON metadata (bytes).
@@ -103,9 +104,12 @@ class _JsonBuilder:
                 warnings.simplefilter("ignore")
                 elem = ds[tag]
                 if elem.VR == "SQ":
+                    # an item with its own character set is decoded with it: its elements'
+                    # memo keys must say so (a top-level element with the same bytes is not)
                     out = {
                         "vr": "SQ",
-                        "Value": [self.dataset(item, charset) for item in elem.value],
+                        "Value": [self.dataset(item, _text(item, "SpecificCharacterSet") or charset)
+                                  for item in elem.value],
                     }
                 else:
                     out = elem.to_json_dict(
