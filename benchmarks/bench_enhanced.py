@@ -179,9 +179,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                           for m in ("wall", "cpu")]
                 print(f"| {name} | {mb:.2f} | {cells[0]} | {cells[1]} | {ratios[0]:.1f}x "
                       f"| {ratios[1]:.1f}x |")
-        diffs = []
+        diffs, last = [], args.repeat - 1
         for i in range(len(inputs)):
-            last = args.repeat - 1
             diffs += compare_outputs(work / f"before-{last}" / f"{i}", work / f"after-{last}" / f"{i}")
         print("\noutputs (last round, file by file): "
               + ("identical" if not diffs else f"{len(diffs)} difference(s)"))
@@ -189,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  {line}")
         if args.keep:
             for contender in trees:
-                shutil.copytree(work / f"{contender}-{args.repeat - 1}", args.keep / contender,
+                shutil.copytree(work / f"{contender}-{last}", args.keep / contender,
                                 dirs_exist_ok=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

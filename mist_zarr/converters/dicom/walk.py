@@ -114,11 +114,17 @@ class _Short(_Unsupported):
     """The data walked ends before the sequence does."""
 
 
-def _walk(buf: Any, pos: int, end: int | None) -> tuple[list[_Item], int]:
-    """:func:`_sequence`, raising _Unsupported for everything it does not model."""
+def _vrs() -> dict[bytes, tuple[str, bool]]:
+    """The VR table, made on first use (pydicom is imported only then)."""
     global _VRS
     if not _VRS:
         _VRS = _vr_table()
+    return _VRS
+
+
+def _walk(buf: Any, pos: int, end: int | None) -> tuple[list[_Item], int]:
+    """:func:`_sequence`, raising _Unsupported for everything it does not model."""
+    _vrs()
     try:
         items, after = _sequence(buf, pos, end)
     except struct.error as exc:
@@ -207,7 +213,7 @@ def _top_level(buf: bytes, complete: bool, stop_tags: Any
     walked items or None), the position reached and, when stopped at an element of
     ``stop_tags``, its (tag, VR, length). ``complete``: ``buf`` runs to the end of the file."""
     out: list[tuple[int, str, int, int, int, Any]] = []
-    unpack, unpack32, vrs, size = _HEAD.unpack_from, _LENGTH32.unpack_from, _VRS, len(buf)
+    unpack, unpack32, vrs, size = _HEAD.unpack_from, _LENGTH32.unpack_from, _vrs(), len(buf)
     pos, sequences = 0, False
     while True:
         if size - pos < 12:
@@ -234,14 +240,7 @@ def _top_level(buf: bytes, complete: bool, stop_tags: Any
         if name[0] == "SQ" and length:
             sequences = True
             undefined = length == _UNDEFINED
-            try:
-                items, after = _sequence(buf, start, None if undefined else start + length)
-            except struct.error as exc:
-                raise _Short(str(exc)) from None
-            except RecursionError as exc:
-                raise _Unsupported(str(exc)) from None
-            if after > size:
-                raise _Short("sequence")
+            items, after = _walk(buf, start, None if undefined else start + length)
             out.append((tag, "SQ", length, start, after - 8 if undefined else after, items))
             pos = after
             continue
@@ -262,9 +261,6 @@ def read_elements(fp: Any, ds: Any, stop_tags: Any) -> tuple[int, str, int] | No
     ``fp`` and ``ds`` unchanged, when pydicom must read the dataset (see the module
     docstring; also VR UN, item tags at the top level and data that ends early).
     """
-    global _VRS
-    if not _VRS:
-        _VRS = _vr_table()
     from pydicom.dataelem import RawDataElement, empty_value_for_VR
     from pydicom.tag import BaseTag
 
