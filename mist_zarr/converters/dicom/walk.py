@@ -181,10 +181,12 @@ def skip_sequence(fp: Any, ds: Any) -> bool:
             return False
     value = _Walked(buf[12 : after - 8 if undefined else after])
     value.items, value.base = items, 12
-    tag = group << 16 | element
+    tag = BaseTag(group << 16 | element)
     # pydicom parses a raw SQ value on first access (values.convert_SQ): every other
-    # reader of the header still finds the sequence
-    ds[tag] = RawDataElement(BaseTag(tag), "SQ", length, value, start + 12, False, True)
+    # reader of the header still finds the sequence. Put in the element dict as pydicom's
+    # reader and read_elements do: Dataset.__setitem__ would convert PixelRepresentation
+    # for the sequence's items, which a walked header keeps raw
+    ds._dict[tag] = RawDataElement(tag, "SQ", length, value, start + 12, False, True)
     fp.seek(start + after)
     return True
 
