@@ -1,7 +1,7 @@
 """Start-up benchmark: the light CLI verbs and a small convert, old code vs new, side by side.
 
-Every command runs as a fresh ``python -c "from mist_zarr.cli import main; main()"``
-process (what the ``mist-zarr`` script does) with ``PYTHONPATH`` set to the
+Every command runs as a fresh ``python -c`` process that does what each checkout's
+``mist-zarr`` script does (``mist_zarr.cli.run()``, or ``sys.exit(main())`` before it) with ``PYTHONPATH`` set to the
 old checkout (``--old``, required) or to this repository, old and
 new alternating (the order swapped every round) for ``--repeat`` rounds:
 
@@ -44,7 +44,8 @@ from bench_convert import find_dcm2niix
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("MIST_DATA", REPO.parent / "shared" / "data"))
 CT = "ct/CRLM-CT-1004"
-MAIN = "import sys; from mist_zarr.cli import main; sys.exit(main())"
+MAIN = ("import sys, mist_zarr.cli as cli\n"
+        "cli.run() if hasattr(cli, 'run') else sys.exit(cli.main())")
 PACKAGES = ("zarr", "numpy", "imagecodecs", "pyarrow", "pandas", "pydicom", "dcm2niix")
 
 
@@ -88,10 +89,11 @@ def run_dcm2niix(exe: str, src: Path, dest: Path, no_pigz: Path) -> float:
     return wall
 
 
-def import_time(args: list[str], env: dict[str, str]) -> tuple[float, list[tuple[str, float]]]:
+def import_time(args: list[str], env: dict[str, str],
+                code: str = MAIN) -> tuple[float, list[tuple[str, float]]]:
     """Seconds spent importing during ``mist-zarr ARGS`` (top-level imports' cumulative
     times from ``-X importtime``) and the five largest of them."""
-    done = subprocess.run([sys.executable, "-X", "importtime", "-c", MAIN, *args], env=env,
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", code, *args], env=env,
                           capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
     top = []
     for line in done.stderr.splitlines():
@@ -139,19 +141,21 @@ def main() -> None:
         "ls DATASET": ["ls", str(dataset)],
         "ls DATASET --json": ["ls", str(dataset), "--json"],
         "ls DATASET --failures": ["ls", str(dataset), "--failures"],
-        "convert 41 slices": None,  # a fresh DEST each run
+        "convert 41 slices": None,  # a fresh DEST each run, -q: nothing before the summary
+        "convert 41 slices, with progress": None,  # first output: the scan's progress bar
     }
     timings = {(name, code): Timing() for name in commands for code in ("old", "new")}
     dcm = Timing()
     for r in range(args.repeat):
         order = [("old", old), ("new", new)] if r % 2 == 0 else [("new", new), ("old", old)]
         for name, argv in commands.items():
-            if argv is None and r % 2:
+            if name == "convert 41 slices" and r % 2:
                 dcm.wall.append(run_dcm2niix(dcm2niix, src, work / f"dcm2niix-{r}", no_pigz))
             for code, env in order:
                 if argv is None:
                     dest = work / f"convert-{r}-{code}"
-                    first, wall, _ = run(mist("convert", str(src), str(dest), "-q"), env)
+                    quiet = [] if name.endswith("progress") else ["-q"]
+                    first, wall, _ = run(mist("convert", str(src), str(dest), *quiet), env)
                     shutil.rmtree(dest)
                     out = b""
                 else:
@@ -160,7 +164,7 @@ def main() -> None:
                 t.first.append(first)
                 t.wall.append(wall)
                 t.outputs.add(out)
-            if argv is None and not r % 2:  # dcm2niix beside the converts: after, then before
+            if name == "convert 41 slices" and not r % 2:  # dcm2niix beside the converts: after, then before
                 dcm.wall.append(run_dcm2niix(dcm2niix, src, work / f"dcm2niix-{r}", no_pigz))
     print(f"load after the runs: {load()}\n")
 
@@ -183,12 +187,18 @@ def main() -> None:
 
     print("\nimport time of the new code (python -X importtime; top-level cumulative):")
     for name, argv in commands.items():
+        if name.endswith("progress"):
+            continue
         if argv is None:
             dest = work / "convert-importtime"
             argv = ["convert", str(src), str(dest), "-q"]
         total, top = import_time(argv, new)
         print(f"  mist-zarr {name}: {total:.3f} s  ("
               + ", ".join(f"{m} {s:.3f}" for m, s in top) + ")")
+    # what convert loads before its scan starts (the bar is drawn once the files are listed)
+    total, top = import_time([], new, "import mist_zarr.cli, mist_zarr.convert, tqdm.auto")
+    print(f"  mist-zarr convert, before its scan: {total:.3f} s  ("
+          + ", ".join(f"{m} {s:.3f}" for m, s in top) + ")")
     shutil.rmtree(work)
 
 

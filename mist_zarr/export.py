@@ -22,7 +22,7 @@ import numpy as np
 from .converters import image as image_format
 from .converters import nifti
 from .converters.base import ExportResult, StoredImage
-from .converters.dicom import export_dicom
+from .converters.dicom.export import export_dicom
 from .converters.dicom.seg import write_seg
 from .errors import ConversionError, ExportError, MistZarrError
 from .format import ATTR, EXPORTS, allowed_exports, not_an_image

@@ -107,6 +107,31 @@ def test_convert_loads_no_pandas(tmp_path):
     assert (tmp_path / "ds" / "catalog.parquet").is_file()
 
 
+def test_convert_scans_before_it_loads_zarr(tmp_path):
+    """Start-up (issue 16): ``convert`` lists and scans its sources (the progress it shows
+    first) with neither zarr nor the writer loaded; both load once the scan is done."""
+    ct = shared("ct", "CRLM-CT-1004")
+    n = sum(1 for p in ct.rglob("*") if p.is_file() and not p.name.startswith("."))
+    body = f"""
+import mist_zarr.cli, mist_zarr.convert
+from mist_zarr.converters.sources import plan
+steps = []
+units, _ = plan({str(ct)!r}, on_scan=lambda *step: steps.append((*step, "zarr" in sys.modules)))
+assert [s for s in steps if s[3]] == [], "zarr loaded during the scan"
+done = {{step: [d for s, d, t, _ in steps if s == step] for step in ("detect", "scan")}}
+assert done == {{"detect": list(range({n} + 1)), "scan": list(range({n} + 1))}}, done
+assert {{t for *_, t, _ in steps}} == {{{n}}} and len(units) == 1
+"""
+    assert _loaded(body, ("zarr", "mist_zarr.writer")) == set()
+    out = run("convert", str(ct), str(tmp_path / "ds"))  # with progress: the scan's bar first
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.lstrip().startswith("detect:") and "scan:" in out.stderr
+    assert f"0/{n} " in out.stderr and "1 image(s) converted" in out.stdout
+    after = "from mist_zarr.cli import main\n" + \
+        f"assert main(['convert', '-q', {str(ct)!r}, {str(tmp_path / 'ds2')!r}]) == 0"
+    assert _loaded(after, ("zarr", "mist_zarr.writer")) == {"zarr", "mist_zarr.writer"}
+
+
 def test_info_and_ls_print_the_same_locally_and_over_http(tmp_path):
     """The light local reads and zarr's path (a URL) print the same bytes."""
     from mist_zarr.serve import serve_in_thread

@@ -81,7 +81,8 @@ def test_scratch_folders_are_made_while_others_remove_the_shared_parent(tmp_path
     inside at that moment must not fail (seen with 2 dask workers: "File exists")."""
     import os
 
-    from mist_zarr.convert import TMP_DIR, _make_scratch
+    from mist_zarr.convert import TMP_DIR
+    from mist_zarr.convert.scratch import make_scratch
 
     shared = tmp_path / TMP_DIR
     stop = threading.Event()
@@ -98,7 +99,7 @@ def test_scratch_folders_are_made_while_others_remove_the_shared_parent(tmp_path
     hammer.start()
     try:
         for _ in range(2000):  # the unprotected mkdir-then-check failed ~12 times in 3000
-            scratch = _make_scratch(tmp_path)
+            scratch = make_scratch(tmp_path)
             assert scratch.is_dir() and scratch.parent == shared
             os.rmdir(scratch)
     finally:
@@ -110,7 +111,8 @@ def test_scratch_of_dead_writers_on_this_host_is_removed_and_nothing_else(tmp_pa
     import os
     import socket
 
-    from mist_zarr.convert import TMP_DIR, _clean_scratch
+    from mist_zarr.convert import TMP_DIR
+    from mist_zarr.convert.scratch import clean_scratch
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that is no longer running
@@ -124,7 +126,7 @@ def test_scratch_of_dead_writers_on_this_host_is_removed_and_nothing_else(tmp_pa
     }
     for name in names:
         (tmp_path / TMP_DIR / name).mkdir(parents=True)
-    _clean_scratch(tmp_path)
+    clean_scratch(tmp_path)
     assert {p.name for p in (tmp_path / TMP_DIR).iterdir()} == {n for n, keep in names.items() if keep}
 
 
@@ -134,14 +136,14 @@ def test_concurrent_converts_may_create_the_dataset_root_at_once(tmp_path):
     (Six threads per new root; plain zarr.open_group(mode="a") failed 18 of 240 opens.)"""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mist_zarr.convert import _open_root
+    from mist_zarr.convert.root import open_root
 
     for r in range(30):
         barrier = threading.Barrier(6)
 
         def open_at_once(path=tmp_path / f"ds{r}", barrier=barrier):
             barrier.wait()
-            return _open_root(str(path), None)
+            return open_root(str(path), None)
 
         with ThreadPoolExecutor(6) as pool:
             roots = [f.result() for f in [pool.submit(open_at_once) for _ in range(6)]]

@@ -12,10 +12,14 @@ and writes one unit and its completion marker; :mod:`.local` (read-ahead
 thread) and :mod:`.distributed` (windowed dask submission) run the units;
 :mod:`.scratch` makes local writes atomic; :mod:`.root` opens the
 root and its JSON documents; :mod:`.report` is what a run returns;
-:mod:`.run` holds :func:`convert`; :mod:`.listing` holds :func:`list_images`.
+:mod:`.run` holds :func:`convert` and its planning, :mod:`.execute` the rest of a
+run (imported after the scan); :mod:`.defaults` its defaults; :mod:`.listing` holds
+:func:`list_images`.
 
 Imports kept lazy on purpose, for the start-up time of ``import mist_zarr``
-and of the CLI: dask/distributed (only with ``workers``/``scheduler``),
+and of the CLI: zarr, the writer and the runners (after the scan, so that
+``convert`` starts at once; the names they provide here load on first use),
+dask/distributed (only with ``workers``/``scheduler``),
 tqdm (only for a progress bar) and pyarrow (inside the catalog's
 :mod:`~mist_zarr.tables`; a run never loads pandas).
 """
@@ -25,17 +29,23 @@ from __future__ import annotations
 from ..converters.base import DEFAULT_MAX_BYTES
 from ..converters.sources import Unit, iter_sources, plan
 from ..format import DONE_DIR, TMP_DIR
-from .distributed import CLUSTER_CONFIG
-from .listing import list_images
 from .report import ConvertReport, Problem, SeriesResult, dumps
 from .run import DATASET_ATTR, DEFAULT_BATCH_BYTES, convert
-
-from .scratch import clean_scratch as _clean_scratch  # noqa: F401 - tests use it
-from .scratch import make_scratch as _make_scratch  # noqa: F401 - tests use it
-from .root import open_root as _open_root  # noqa: F401 - tests use it
-from .unit import Options, UnitRead, read_unit, run_unit, write_unit
 
 __all__ = ["CLUSTER_CONFIG", "DATASET_ATTR", "DEFAULT_BATCH_BYTES", "DEFAULT_MAX_BYTES", "DONE_DIR",
            "TMP_DIR", "ConvertReport", "Options", "Problem", "SeriesResult", "Unit", "UnitRead",
            "convert", "dumps", "iter_sources", "list_images", "plan", "read_unit", "run_unit",
            "write_unit"]
+
+# loaded when first asked for: they bring zarr and the writer, which the scan at the start
+# of ``convert`` does not need (see the module docstring)
+_LAZY = {"CLUSTER_CONFIG": ".distributed", "list_images": ".listing", "Options": ".unit",
+         "UnitRead": ".unit", "read_unit": ".unit", "run_unit": ".unit", "write_unit": ".unit"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import re
 from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Any
@@ -37,11 +36,11 @@ from ..format import slice_offsets
 from ..labels import align_to, same_grid, write_labels
 from ..reader import read_metadata
 from .listing import image_infos
+from .defaults import MASK_NAME
 from .report import SeriesResult
 
 __all__ = ["mark_labels", "write_label_image"]
 
-_MASK_NAME = re.compile(r"(^|[^a-z])(seg|segmentation|label|labels|mask|masks)([^a-z]|$)", re.I)
 SUGGEST_MAX_VALUES = 256  # a suggestion needs at most this many distinct values
 
 
@@ -58,7 +57,7 @@ def mark_labels(image: SourceImage, option: bool | str | None, path: str) -> Non
                                   "label map holds integers")
         image.labels = True
         return
-    if image.labels or not integer or not _MASK_NAME.search(os.path.basename(path)):
+    if image.labels or not integer or not MASK_NAME.search(os.path.basename(path)):
         return
     values = np.unique(np.asarray(data))
     if len(values) <= SUGGEST_MAX_VALUES:

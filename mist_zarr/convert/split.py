@@ -34,12 +34,10 @@ from ..children import answer_channel, start_child, stop_child
 from ..errors import ConversionError, one_line
 from ..format import ImageInfo
 from ..writer import begin_image, finish_image, plan_image, write_part
+from .defaults import SPLIT_BYTES
 
 __all__ = ["SPLIT_BYTES", "PartPool", "Submit", "WorkerDied", "estimated_bytes", "part_ranges",
            "splittable", "write_split"]
-
-#: Images of more decoded bytes than this are written in parts when there are workers.
-SPLIT_BYTES = 256 << 20
 
 #: ``submit(fn, *args, **kwargs)`` -> a future with ``result()`` (an executor's or dask's).
 Submit = Callable[..., Any]

@@ -164,6 +164,14 @@ class StoredImage:
     level: int
     values: np.ndarray
 
+    def full_metadata(self) -> dict[str, Any]:
+        """The image's metadata with its per-slice tables (:func:`mist_zarr.reader.read_metadata`)."""
+        # imported here: the reader brings zarr, which detection and the scan at the
+        # start of ``convert`` (both import this module) do not need
+        from ..reader import read_metadata
+
+        return read_metadata(self.group)
+
 
 @dataclass
 class ExportResult:

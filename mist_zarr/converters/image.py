@@ -13,7 +13,6 @@ import numpy as np
 from ..errors import ExportError
 from ..format import ImageInfo
 from ..modality import Rescale, find_rescale, find_window
-from ..reader import read_metadata
 from .base import (
     ConversionError,
     ExportResult,
@@ -291,7 +290,7 @@ class _Rendering:
         if isinstance(metadata.get("dicom"), dict):
             # enhanced files keep the rescale and the window in their functional groups,
             # classic series with varying values per slice: both read as find_rescale does
-            per_slice = functools.cache(lambda: read_metadata(image.group))
+            per_slice = functools.cache(image.full_metadata)
             rescale = find_rescale(metadata, lead, per_slice)
             rescale = None if rescale.identity else rescale
             found = find_window(metadata, lead, per_slice) if window is None else None

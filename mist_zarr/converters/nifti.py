@@ -14,7 +14,6 @@ import numpy as np
 from ..errors import ExportError
 from ..format import slice_offsets
 from ..modality import PHILIPS, PHILIPS_SCALINGS, Rescale, find_rescale, rescaled_dtype
-from ..reader import read_metadata
 from .base import (
     ConversionError,
     ExportResult,
@@ -284,7 +283,7 @@ def _dicom_scaling(image: StoredImage, philips: str, notes: list[str]) -> Rescal
     if not isinstance(info.metadata, dict) or not isinstance(info.metadata.get("dicom"), dict):
         return None
     leading = tuple(info.shape[: info.dims.index("y")])
-    per_slice = functools.cache(lambda: read_metadata(image.group))
+    per_slice = functools.cache(image.full_metadata)
     precise = find_rescale(info.metadata, leading, per_slice, philips="precise").uniform()
     rescale = precise if philips == "precise" else find_rescale(
         info.metadata, leading, per_slice, philips="display").uniform()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,11 +77,15 @@ def _file_stem(rel: Path) -> str:
     return "/".join([safe_name(p) for p in rel.parent.parts] + [safe_name(name)])
 
 
-def plan(src: SourceArg, *, exclude: Path | None = None) -> tuple[list[Unit], list[SourceIssue]]:
+def plan(src: SourceArg, *, exclude: Path | None = None,
+         on_scan: Callable[[str, int, int], None] | None = None,
+         ) -> tuple[list[Unit], list[SourceIssue]]:
     """Find the work under ``src``: one :class:`Unit` per file or DICOM series.
 
     Reads DICOM headers only. Files that are not images, and DICOM files that
-    cannot be read, are returned as issues.
+    cannot be read, are returned as issues. ``on_scan(step, done, total)``
+    reports progress: step ``"detect"`` over all files, then ``"scan"`` over
+    the DICOM files' headers.
     """
     sources = [Path(src)] if isinstance(src, (str, os.PathLike)) else [Path(s) for s in src]
     units: list[Unit] = []
@@ -89,21 +93,24 @@ def plan(src: SourceArg, *, exclude: Path | None = None) -> tuple[list[Unit], li
     dicom_files: list[Path] = []
     bases: dict[Path, Path] = {}
     taken: set[str] = set()
-    for base in sources:
-        for path in walk(base, exclude):
-            kind = detect(path)
-            if kind is None:
-                issues.append(SourceIssue(str(path), "not a DICOM, NIfTI, PNG, JPEG or TIFF file",
-                                          kind="skipped", key=str(path.resolve())))
-            elif kind.startswith("dicom"):
-                dicom_files.append(path)
-                bases[path] = base
-            else:
-                rel = path.relative_to(base) if base.is_dir() else Path(path.name)
-                name = _unique(_file_stem(rel), taken, str(path.resolve()))
-                units.append(Unit(kind, str(path.resolve()), [str(path)], name=name))
+    found = [(base, path) for base in sources for path in walk(base, exclude)]
+    step = _Step("detect", len(found), on_scan)
+    for base, path in found:
+        kind = detect(path)
+        if kind is None:
+            issues.append(SourceIssue(str(path), "not a DICOM, NIfTI, PNG, JPEG or TIFF file",
+                                      kind="skipped", key=str(path.resolve())))
+        elif kind.startswith("dicom"):
+            dicom_files.append(path)
+            bases[path] = base
+        else:
+            rel = path.relative_to(base) if base.is_dir() else Path(path.name)
+            name = _unique(_file_stem(rel), taken, str(path.resolve()))
+            units.append(Unit(kind, str(path.resolve()), [str(path)], name=name))
+        step.advance()
     if dicom_files:
-        scan = scan_dicom(dicom_files)
+        step = _Step("scan", len(dicom_files), on_scan)
+        scan = scan_dicom(dicom_files, on_file=step.advance)
         issues += [SourceIssue(i.source, i.reason, kind="failed", key=str(Path(i.source).resolve()))
                    for i in scan.rejected]
         label_classes = {SEG_SOP_CLASS: "seg", RTSTRUCT_SOP_CLASS: "rtstruct"}
@@ -120,6 +127,19 @@ def plan(src: SourceArg, *, exclude: Path | None = None) -> tuple[list[Unit], li
                               name=_unique(_file_stem(rel), taken, str(path.resolve()))))
         units += [Unit("dicom", ref.key or ref.uid, list(ref.files), ref=ref) for ref in scan.series]
     return units, issues
+
+
+class _Step:
+    """Progress of one step of :func:`plan`: ``advance()`` after each of ``total`` items."""
+
+    def __init__(self, name: str, total: int, on_scan: Callable[[str, int, int], None] | None):
+        self.name, self.total, self.done, self.on_scan = name, total, -1, on_scan
+        self.advance()
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.on_scan is not None:
+            self.on_scan(self.name, self.done, self.total)
 
 
 def read_unit_images(unit: Unit, max_bytes: int,

@@ -89,7 +89,6 @@ from __future__ import annotations
 
 from ...errors import DicomError
 from ..base import DEFAULT_MAX_BYTES
-from .export import export_dicom
 from .header import forget_headers
 from .jsonmodel import BULK_DATA_THRESHOLD
 from .naming import suggest_name
@@ -120,6 +119,16 @@ FORMAT = "dicom"
 
 #: Usual DICOM file name suffixes; many DICOM files have none, so detection is by content (:func:`sniff`).
 SUFFIXES = (".dcm", ".dicom")
+
+
+def __getattr__(name: str):
+    # export writes stored images back (zarr, the reader): imported when asked for, so that
+    # detection and the scan at the start of ``convert`` do not pay for it
+    if name == "export_dicom":
+        from .export import export_dicom
+
+        return export_dicom
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def sniff(head: bytes) -> str | None:

@@ -30,7 +30,6 @@ from ...codestream import parse_codestream, read_coding_style
 from ...errors import ExportError
 from ...format import IMAGE, ImageInfo
 from ...layout import encode_kwargs, num_levels
-from ...reader import read_metadata
 from ...storage import get_bytes
 from ..base import ExportResult, StoredImage, missing_dependency
 
@@ -151,7 +150,7 @@ def export_dicom(stored: StoredImage, out: Path, *, uncompressed: bool = False) 
     meta = info.metadata
     if "dicom" not in meta:
         raise ExportError(f"{store}: no DICOM metadata stored with this image")
-    full = read_metadata(stored.group)
+    full = stored.full_metadata()
     per_slice: dict[str, list[Any]] = full.get("dicom_per_slice", {})
     per_vr: dict[str, str] = full.get("dicom_per_slice_vr", {})
     notes: list[str] = []

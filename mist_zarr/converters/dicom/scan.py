@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -67,14 +67,15 @@ def _iter_files(paths: Iterable[PathLike] | PathLike) -> Iterator[tuple[str, boo
             yield str(p), True
 
 
-def _scan(paths: Iterable[PathLike] | PathLike) -> tuple[ScanResult, set[str]]:
+def _scan(paths: Iterable[PathLike] | PathLike,
+          on_file: Callable[[], None] | None = None) -> tuple[ScanResult, set[str]]:
     groups: dict[tuple[str, str], SeriesRef] = {}
     seen: dict[str, tuple[str, SeriesRef]] = {}  # SOPInstanceUID -> first file, its series
     rejected: list[SourceIssue] = []
     skipped: list[SourceIssue] = []
     explicit: set[str] = set()
     numbers: dict[str, set[str]] = {}
-    for path, named in _iter_files(paths):
+    for path, named in _reported(_iter_files(paths), on_file):
         if named:
             explicit.add(path)
         try:
@@ -159,12 +160,22 @@ def _fallback_series_key(path: str, ds: Any) -> str:
     return "no-series-uid:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def scan_dicom(paths: Iterable[PathLike] | PathLike) -> ScanResult:
+def _reported(items: Iterator[Any], on_item: Callable[[], None] | None) -> Iterator[Any]:
+    """``items``, calling ``on_item()`` as each one is done with (when the next is asked for)."""
+    for item in items:
+        yield item
+        if on_item is not None:
+            on_item()
+
+
+def scan_dicom(paths: Iterable[PathLike] | PathLike,
+               on_file: Callable[[], None] | None = None) -> ScanResult:
     """Scan files and folders (recursively), reading headers only, and group images by series.
 
     Non-DICOM, unreadable and truncated files go to ``rejected``; DICOM
     objects without an image and further copies of a SOPInstanceUID to
     ``skipped``, each with a reason (a series keeps its copies in
-    ``SeriesRef.copies``). Nothing is raised for a bad file.
+    ``SeriesRef.copies``). Nothing is raised for a bad file. ``on_file()`` is
+    called as each file is done with (for progress).
     """
-    return _scan(paths)[0]
+    return _scan(paths, on_file)[0]
