@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import imagecodecs.zarr
 import zarr
 from zarr.abc.store import Store, _store_supports_sync_io
 from zarr.core.buffer import default_buffer_prototype
@@ -27,10 +26,10 @@ from zarr.core.sync import sync
 from zarr.errors import GroupNotFoundError
 from zarr.storage import FsspecStore, LocalStore, StorePath
 
-# Stored chunks use the codec name "imagecodecs_htj2k"; zarr finds it only
-# once registered. Every module that opens or creates a zarr node comes
-# through here, so registering on import covers them all (idempotent).
-imagecodecs.zarr.register_codecs(["htj2k"], verbose=False)
+# Stored chunks use the codec name "imagecodecs_htj2k": zarr finds it through the
+# ``zarr.codecs`` entry point this package declares (pyproject.toml), when it first
+# opens such an array. Not registered here: importing imagecodecs.zarr builds every
+# imagecodecs codec class (50-90 ms), which most processes that come here never use.
 
 __all__ = [
     "forget_listings",
