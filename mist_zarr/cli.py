@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="use an existing dask.distributed scheduler (e.g. tcp://host:8786)")
     p.add_argument("--report", metavar="FILE", help="also write the report as JSON")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (scan and convert)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("export", help="export an image down the format hierarchy at any level")
