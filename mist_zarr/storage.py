@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import zarr
+import zarr.registry
 from zarr.abc.store import Store, _store_supports_sync_io
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -28,8 +29,15 @@ from zarr.storage import FsspecStore, LocalStore, StorePath
 
 # Stored chunks use the codec name "imagecodecs_htj2k": zarr finds it through the
 # ``zarr.codecs`` entry point this package declares (pyproject.toml), when it first
-# opens such an array. Not registered here: importing imagecodecs.zarr builds every
-# imagecodecs codec class (50-90 ms), which most processes that come here never use.
+# opens such an array. Registered here only where that entry point is missing (a
+# checkout on PYTHONPATH, an install older than the entry point): importing
+# imagecodecs.zarr builds every imagecodecs codec class (50-90 ms), which most
+# processes that come here never use. (zarr collects the entry points into this
+# registry when it is imported, without loading them.)
+if "imagecodecs_htj2k" not in getattr(zarr.registry, "_codec_registries", ()):
+    import imagecodecs.zarr
+
+    imagecodecs.zarr.register_codecs(["htj2k"], verbose=False)
 
 __all__ = [
     "forget_listings",

@@ -132,6 +132,18 @@ assert {{t for *_, t, _ in steps}} == {{{n}}} and len(units) == 1
     assert _loaded(after, ("zarr", "mist_zarr.writer")) == {"zarr", "mist_zarr.writer"}
 
 
+def test_convert_with_progress_when_tqdm_is_disabled(tmp_path):
+    """TQDM_DISABLE (common in CI and batch jobs) silences the bars, not the convert."""
+    import os
+
+    png = _gradient_png(tmp_path / "g.png")
+    out = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "convert", str(png),
+                          str(tmp_path / "ds")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TQDM_DISABLE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "1 image(s) converted" in out.stdout and "scan" not in out.stderr
+
+
 def test_info_and_ls_print_the_same_locally_and_over_http(tmp_path):
     """The light local reads and zarr's path (a URL) print the same bytes."""
     from mist_zarr.serve import serve_in_thread

@@ -342,6 +342,39 @@ def test_a_group_without_one_of_its_arrays_names_it(tmp_path, missing):
         read(tmp_path / "img")
 
 
+_WITHOUT_OUR_ENTRY_POINTS = """
+import importlib.metadata as metadata
+_all = metadata.entry_points
+def _others(**kw):  # as if mist-zarr's metadata had no entry points (a checkout on PYTHONPATH)
+    return metadata.EntryPoints([e for e in _all(**kw) if not (e.dist and e.dist.name == "mist-zarr")])
+metadata.entry_points = _others
+"""
+
+
+@pytest.mark.parametrize("entry_point", [True, False], ids=["installed", "missing"])
+def test_the_store_layer_registers_the_codec_only_without_the_entry_point(tmp_path, phantom,
+                                                                          entry_point):
+    """Importing mist-zarr's storage layer does not build imagecodecs' zarr codecs where
+    the entry point provides the codec (50-90 ms), and registers it where it is missing."""
+    mist_zarr.write_image(tmp_path / "img.zarr", phantom)
+    np.save(tmp_path / "expected.npy", phantom)
+    script = tmp_path / "read.py"
+    script.write_text(("" if entry_point else _WITHOUT_OUR_ENTRY_POINTS) + textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        import zarr
+        import mist_zarr.storage
+        loaded = "imagecodecs.zarr" in sys.modules
+        samples = zarr.open_array({str(tmp_path / "img.zarr")!r}, path="image", mode="r")[...]
+        assert np.array_equal(samples, np.load({str(tmp_path / "expected.npy")!r}))
+        print(loaded)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(not entry_point)
+
+
 @pytest.mark.parametrize("preamble", ["", "import mist_zarr"], ids=["zarr-alone", "after-import"])
 def test_plain_zarr_reads_level_0_without_registering_the_codec(tmp_path, phantom, preamble):
     """mist-zarr's zarr.codecs entry point names imagecodecs' codec: zarr finds it itself."""

@@ -100,15 +100,17 @@ def _scan_bar(progress: bool) -> Iterator[Callable[[str, int, int], None] | None
         return
     from tqdm.auto import tqdm  # only for a bar (20-30 ms to import, a monitor thread)
 
-    bar = None
+    bar, shown = None, None
 
     def on_scan(step: str, done: int, total: int) -> None:
-        nonlocal bar
+        # (the step is kept here: a bar disabled by TQDM_DISABLE has no ``desc``)
+        nonlocal bar, shown
         if bar is None:
             bar = tqdm(total=total, unit="file", desc=step, leave=False)
-        elif bar.desc != step:
+        elif shown != step:
             bar.reset(total=total)
             bar.set_description_str(step)
+        shown = step
         if done > bar.n:
             bar.update(done - bar.n)
 

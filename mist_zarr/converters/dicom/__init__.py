@@ -131,6 +131,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"export_dicom"})
+
+
 def sniff(head: bytes) -> str | None:
     """Return "dicom" for a Part 10 file (``DICM`` after the 128-byte preamble),
     "dicom?" for a head that looks like preamble-less ACR-NEMA (group 0x0002 or
