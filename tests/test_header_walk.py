@@ -31,7 +31,13 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from mist_zarr.converters.dicom import header
-from mist_zarr.converters.dicom.jsonmodel import BULK_DATA_THRESHOLD, _bulk_uri, _element_signature
+from mist_zarr.converters.dicom.jsonmodel import (
+    BULK_DATA_THRESHOLD,
+    _bulk_uri,
+    _element_signature,
+    _is_metadata_tag,
+    header_signature,
+)
 from mist_zarr.converters.dicom.walk import _Walked
 
 from .conftest import DATA_DIR
@@ -117,6 +123,16 @@ def _compare(path: str) -> None:
     # would count as varying from slice to slice)
     assert [_element_signature(e) for e in ds._dict.values()] == \
         [_element_signature(e) for e in ref._dict.values()], path
+    # the series read's fingerprint of a header is pydicom's get_item per tag (fresh reads:
+    # get_item converts empty values, and a private one's creator with it)
+    for walk in (True, False):
+        read, fresh = _read(path, walk)[0], _read(path, walk)[0]
+        by_get_item = {f"{int(t):08X}": _element_signature(read.get_item(t))
+                       for t in read.keys() if _is_metadata_tag(f"{int(t):08X}")}  # noqa: SIM118
+        assert list(header_signature(fresh).items()) == list(by_get_item.items()), path
+        # and leaves the header as get_item leaves it (what the series read parses next)
+        assert [type(e) for e in fresh._dict.values()] == \
+            [type(e) for e in read._dict.values()], path
     if str(ds.file_meta.TransferSyntaxUID) != header._DEFLATED:
         # the elements against pydicom's read itself (the fallback keeps sequences raw too)
         ref = _pydicom_read(path)

@@ -17,7 +17,7 @@ from typing import Any
 
 from ...errors import DicomError, SourceIssue, one_line
 from .functional import FrameGroups, read_frame_groups, read_shared_group
-from .jsonmodel import _element_signature, _is_metadata_tag, _JsonBuilder
+from .jsonmodel import _JsonBuilder, header_signature
 from .tags import _get, _int, _pydicom, _text
 from .walk import read_elements, skip_sequence
 
@@ -410,11 +410,7 @@ def _load_file(path: str, builder: _JsonBuilder) -> _FileInfo:
         ds, pixel_tag, loc = load_header(path)
     except _Refused as r:
         raise DicomError(f"{path}: {r.issue.reason}") from None
-    # fingerprint before any attribute is parsed, so that every file is compared in the same state
-    tags = [f"{int(t):08X}" for t in ds.keys()]  # noqa: SIM118 (a Dataset iterates elements)
-    signature = {
-        t: _element_signature(ds.get_item(int(t, 16))) for t in tags if _is_metadata_tag(t)
-    }
+    signature = header_signature(ds)  # before any attribute is parsed
     if pixel_tag is None:
         raise DicomError(f"{path}: no pixel data")
     if pixel_tag != 0x7FE00010:

@@ -52,6 +52,28 @@ def _element_signature(elem: Any) -> Any:
     return (int(elem.tag), elem.VR, repr(elem.value))
 
 
+def header_signature(ds: Any) -> dict[str, Any]:
+    """The fingerprint (:func:`_element_signature`) of each metadata element of a header,
+    keyed by its tag in hex, in the dataset's order: what the files of a series are
+    compared by. Read before any attribute is parsed, so every file is in the same state."""
+    from pydicom.dataelem import RawDataElement
+
+    out = {}
+    for tag, elem in ds._dict.items():  # as read (get_item per tag costs a third more)
+        key = f"{tag:08X}"
+        if not _is_metadata_tag(key):
+            continue
+        if elem.__class__ is RawDataElement:
+            if elem.value is not None:
+                out[key] = (int(tag), elem.VR, elem.value)
+                continue
+            # what get_item does with a value of None (deferred or empty): converts it,
+            # and with it, for a private element, its creator (as the files' other reads do)
+            elem = ds.get_item(tag)
+        out[key] = _element_signature(elem)
+    return out
+
+
 class _JsonBuilder:
     """DICOM JSON model conversion that converts each distinct element value only once.
 
