@@ -390,9 +390,10 @@ def run() -> None:
     """The ``mist-zarr`` command: :func:`main`, then exit with its status."""
     code = main()
     # The interpreter's last collections walk every object of the stack a command loaded
-    # (zarr, pydicom, pyarrow: ~70,000 objects), a tenth of a small convert's time.
-    # Everything a command writes is closed and flushed by now, and nothing it leaves
-    # needs a collection to be finalized, so the objects are frozen out of those passes.
+    # (zarr, pydicom, pyarrow), a noticeable part of a small convert's time
+    # (docs/architecture.md, "Imports"). Everything a command writes is closed and flushed
+    # by now, and nothing it leaves needs a collection to be finalized, so the objects are
+    # frozen out of those passes.
     gc.freeze()
     sys.exit(code)
 

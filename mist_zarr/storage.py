@@ -31,9 +31,9 @@ from zarr.storage import FsspecStore, LocalStore, StorePath
 # ``zarr.codecs`` entry point this package declares (pyproject.toml), when it first
 # opens such an array. Registered here only where that entry point is missing (a
 # checkout on PYTHONPATH, an install older than the entry point): importing
-# imagecodecs.zarr builds every imagecodecs codec class (50-90 ms), which most
-# processes that come here never use. (zarr collects the entry points into this
-# registry when it is imported, without loading them.)
+# imagecodecs.zarr builds every imagecodecs codec class, a cost most processes that
+# come here never need (docs/architecture.md, "Imports"). zarr collects the entry
+# points into this registry when it is imported, without loading them.
 if "imagecodecs_htj2k" not in getattr(zarr.registry, "_codec_registries", ()):
     import imagecodecs.zarr
 

@@ -35,8 +35,8 @@ from ..errors import ConversionError
 from ..format import slice_offsets
 from ..labels import align_to, same_grid, write_labels
 from ..reader import read_metadata
-from .listing import image_infos
 from .defaults import MASK_NAME
+from .listing import image_infos
 from .report import SeriesResult
 
 __all__ = ["mark_labels", "write_label_image"]

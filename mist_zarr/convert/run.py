@@ -98,7 +98,7 @@ def _scan_bar(progress: bool) -> Iterator[Callable[[str, int, int], None] | None
     if not progress:
         yield None
         return
-    from tqdm.auto import tqdm  # only for a bar (20-30 ms to import, a monitor thread)
+    from tqdm.auto import tqdm  # only for a bar (its import costs, and it starts a thread)
 
     bar, shown = None, None
 

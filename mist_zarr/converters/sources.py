@@ -133,11 +133,14 @@ class _Step:
     """Progress of one step of :func:`plan`: ``advance()`` after each of ``total`` items."""
 
     def __init__(self, name: str, total: int, on_scan: Callable[[str, int, int], None] | None):
-        self.name, self.total, self.done, self.on_scan = name, total, -1, on_scan
-        self.advance()
+        self.name, self.total, self.done, self.on_scan = name, total, 0, on_scan
+        self._report()
 
     def advance(self) -> None:
         self.done += 1
+        self._report()
+
+    def _report(self) -> None:
         if self.on_scan is not None:
             self.on_scan(self.name, self.done, self.total)
 
