@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -123,7 +124,10 @@ assert done == {{"detect": list(range({n} + 1)), "scan": list(range({n} + 1))}},
 assert {{t for *_, t, _ in steps}} == {{{n}}} and len(units) == 1
 """
     assert _loaded(body, ("zarr", "mist_zarr.writer")) == set()
-    out = run("convert", str(ct), str(tmp_path / "ds"))  # with progress: the scan's bar first
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # bars on
+    out = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "convert", str(ct),
+                          str(tmp_path / "ds")], capture_output=True, text=True, timeout=300,
+                         env=env)  # with progress: the scan's bar first
     assert out.returncode == 0, out.stderr
     assert out.stderr.lstrip().startswith("detect:") and "scan:" in out.stderr
     assert f"0/{n} " in out.stderr and "1 image(s) converted" in out.stdout
@@ -134,8 +138,6 @@ assert {{t for *_, t, _ in steps}} == {{{n}}} and len(units) == 1
 
 def test_convert_with_progress_when_tqdm_is_disabled(tmp_path):
     """TQDM_DISABLE (common in CI and batch jobs) silences the bars, not the convert."""
-    import os
-
     png = _gradient_png(tmp_path / "g.png")
     out = subprocess.run([sys.executable, "-m", "mist_zarr.cli", "convert", str(png),
                           str(tmp_path / "ds")], capture_output=True, text=True, timeout=300,
