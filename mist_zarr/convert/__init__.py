@@ -13,7 +13,7 @@ thread) and :mod:`.distributed` (windowed dask submission) run the units;
 :mod:`.scratch` makes local writes atomic; :mod:`.root` opens the
 root and its JSON documents; :mod:`.report` is what a run returns;
 :mod:`.run` holds :func:`convert` and its planning, :mod:`.execute` the rest of a
-run (imported after the scan); :mod:`.defaults` its defaults; :mod:`.listing` holds
+run (imported after the scan); :mod:`.options` its settings and defaults; :mod:`.listing` holds
 :func:`list_images`.
 
 Imports kept lazy on purpose, for the start-up time of ``import mist_zarr``
@@ -29,6 +29,7 @@ from __future__ import annotations
 from ..converters.base import DEFAULT_MAX_BYTES
 from ..converters.sources import Unit, iter_sources, plan
 from ..format import DONE_DIR, TMP_DIR
+from .options import Options
 from .report import ConvertReport, Problem, SeriesResult, dumps
 from .run import DATASET_ATTR, DEFAULT_BATCH_BYTES, convert
 
@@ -39,8 +40,7 @@ __all__ = ["CLUSTER_CONFIG", "DATASET_ATTR", "DEFAULT_BATCH_BYTES", "DEFAULT_MAX
 
 # loaded when first asked for: they bring zarr and the writer, which the scan at the start
 # of ``convert`` does not need (see the module docstring)
-_LAZY = {"CLUSTER_CONFIG": ".distributed", "list_images": ".listing", "Options": ".unit",
-         "UnitRead": ".unit", "read_unit": ".unit", "run_unit": ".unit", "write_unit": ".unit"}
+_LAZY = {"CLUSTER_CONFIG": ".distributed", "list_images": ".listing", "UnitRead": ".unit", "read_unit": ".unit", "run_unit": ".unit", "write_unit": ".unit"}
 
 
 def __getattr__(name: str):

@@ -3,7 +3,7 @@ locally or on dask, keep the catalog and the failure table in step."""
 
 from __future__ import annotations
 
-import uuid
+import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,25 +21,24 @@ from .report import ConvertReport, SeriesResult, issue_json
 from .root import open_root
 from .scratch import clean_scratch, local_root
 from .split import PartPool, estimated_bytes
-from .unit import Options, finished
+from .options import Options
+from .unit import finished
 
 __all__ = ["execute"]
 
 
-def execute(units: list[Unit], dest: Any, report: ConvertReport, *, overwrite: bool,
-            skip_existing: bool, alpha: int, quantize: str | None, max_bytes: int,
-            batch_bytes: int | None, threads: int | None, workers: int | None,
-            scheduler: str | None, progress: bool, storage_options: dict[str, Any] | None,
-            labels: bool | str | None, split_bytes: int | None) -> None:
+def execute(units: list[Unit], dest: Any, report: ConvertReport, options: Options,
+            workers: int | None, scheduler: str | None, progress: bool) -> None:
     """Convert the planned ``units`` into the dataset root ``dest``, adding to ``report``
-    (the arguments are :func:`~mist_zarr.convert.convert`'s)."""
-    root = open_root(dest, storage_options)
+    (the arguments are :func:`~mist_zarr.convert.convert`'s; ``options`` as it was called,
+    adjusted here to the runner)."""
+    root = open_root(dest, options.storage_options)
     if DATASET_ATTR not in root.attrs:
         root.attrs[DATASET_ATTR] = {"format": "mist-zarr-dataset", "format_version": FORMAT_VERSION}
     local = local_root(root)
     if local is not None:
         clean_scratch(local)
-    pool = None
+    pool, split_bytes, batch_bytes = None, options.split_bytes, options.batch_bytes
     parts = 2 * (workers or 1)  # a few parts per worker: a slow one delays the image less
     if workers and not scheduler and len(units) <= 1:
         # A local cluster takes seconds to start (each process imports the whole
@@ -53,9 +52,8 @@ def execute(units: list[Unit], dest: Any, report: ConvertReport, *, overwrite: b
     if (pool is not None or workers or scheduler) and split_bytes is not None:
         # a series to split must be read lazily, so that each worker reads its own slices
         batch_bytes = split_bytes if batch_bytes is None else min(batch_bytes, split_bytes)
-    options = Options(overwrite, skip_existing, alpha, quantize, max_bytes,
-                      batch_bytes, threads if not (workers or scheduler) else (threads or 1),
-                      uuid.uuid4().hex, storage_options, labels, split_bytes, parts)
+    threads = options.threads if not (workers or scheduler) else (options.threads or 1)
+    options = dataclasses.replace(options, batch_bytes=batch_bytes, threads=threads, parts=parts)
     try:
         _run(units, dest, options, workers, scheduler, report, progress, pool)
     finally:

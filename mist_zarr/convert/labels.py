@@ -35,7 +35,7 @@ from ..errors import ConversionError
 from ..format import slice_offsets
 from ..labels import align_to, same_grid, write_labels
 from ..reader import read_metadata
-from .defaults import MASK_NAME
+from .options import MASK_NAME
 from .listing import image_infos
 from .report import SeriesResult
 

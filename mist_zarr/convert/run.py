@@ -7,6 +7,7 @@ import contextlib
 import fnmatch
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from ..converters.sources import Unit, plan
 from ..errors import ConversionError, SourceIssue
 from ..format import DATASET_ATTR
 from ..layout import DEFAULT_ALPHA
-from .defaults import DEFAULT_BATCH_BYTES, MASK_NAME, SPLIT_BYTES
+from .options import DEFAULT_BATCH_BYTES, MASK_NAME, SPLIT_BYTES, Options
 from .report import ConvertReport
 
 __all__ = ["DATASET_ATTR", "DEFAULT_BATCH_BYTES", "convert"]
@@ -84,10 +85,9 @@ def convert(
     # a large tree's scan shows its progress at once
     from .execute import execute
 
-    execute(units, dest, report, overwrite=overwrite, skip_existing=skip_existing, alpha=alpha,
-            quantize=quantize, max_bytes=max_bytes, batch_bytes=batch_bytes, threads=threads,
-            workers=workers, scheduler=scheduler, progress=progress,
-            storage_options=storage_options, labels=labels, split_bytes=split_bytes)
+    options = Options(overwrite, skip_existing, alpha, quantize, max_bytes, batch_bytes, threads,
+                      uuid.uuid4().hex, storage_options, labels, split_bytes)
+    execute(units, dest, report, options, workers, scheduler, progress)
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -34,7 +34,7 @@ from ..children import answer_channel, start_child, stop_child
 from ..errors import ConversionError, one_line
 from ..format import ImageInfo
 from ..writer import begin_image, finish_image, plan_image, write_part
-from .defaults import SPLIT_BYTES
+from .options import SPLIT_BYTES
 
 __all__ = ["SPLIT_BYTES", "PartPool", "Submit", "WorkerDied", "estimated_bytes", "part_ranges",
            "splittable", "write_split"]

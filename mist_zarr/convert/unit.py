@@ -28,29 +28,12 @@ from ..labels import LabelInfo, is_label_group
 from .labels import mark_labels, write_label_image
 from .report import SeriesResult
 from .scratch import local_root, write_and_rename
-from .split import SPLIT_BYTES, Submit, part_ranges, splittable, write_split
+from .options import Options
+from .split import Submit, part_ranges, splittable, write_split
 from ..storage import get_json, set_json
 from .root import open_root
 
 __all__ = ["Options", "UnitRead", "read_unit", "run_unit", "write_unit"]
-
-
-@dataclass
-class Options:
-    """The settings of one conversion run, as every unit (and dask worker) sees them."""
-
-    overwrite: bool
-    skip_existing: bool
-    alpha: int
-    quantize: str | None
-    max_bytes: int
-    batch_bytes: int | None
-    threads: int | None
-    run: str
-    storage_options: dict[str, Any] | None
-    labels: bool | str | None = None  # mark sources as label maps: all, or a file-name glob
-    split_bytes: int | None = SPLIT_BYTES  # larger images are written in parts, given workers
-    parts: int = 1  # parts per split image (a few per worker)
 
 
 @dataclass
